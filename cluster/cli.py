@@ -1,0 +1,46 @@
+"""The `dsv4` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cluster import cmd_model
+from workers.checkpoint import CheckpointError
+from workers.config import ModelConfigError
+
+# Errors that come from the user's input: print the message, no traceback, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (cmd_model.UsageError, CheckpointError, ModelConfigError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv4",
+        description="DeepSeek-V4 serving stack: models, checkpoints, serving and benchmarks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cmd_model.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""DeepSeek-V4 hybrid attention (SPEC §4): sliding window + CSA (ratio 4, lightning
+indexer, top-k) + HCA (ratio 128, all entries), one softmax with a sink per head.
+
+Legend: T tokens of the flat batch, S tokens of one sequence's chunk, H heads,
+D head_dim, rd rope dims, N compressed entries, c compressor width, nI/cI indexer
+heads/dims. Positions are absolute raw-token positions of each sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.config import ModelConfig
+from workers.layers import Linear, RMSNorm, apply_rope, rms_scale
+from workers.quant import fp4_qdq, fp8_qdq, hadamard
+from workers.state import CompressorState, LayerState
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """Where one sequence's chunk sits in the flat batch."""
+
+    start: int  # first row in the flat batch
+    end: int  # one past the last row
+    pos0: int  # absolute position of the first token
+
+
+class Compressor(nn.Module):
+    """Gated pooling of `ratio` consecutive tokens into one entry (SPEC §4.3).
+
+    ratio 4 overlaps: entry j pools the first half of block j-1 and the second half of
+    block j (2*ratio slots); ratio 128 pools its own block. `rotate` marks the indexer's
+    compressor (Hadamard + FP4 simulation instead of FP8 on the non-RoPE dims).
+    """
+
+    def __init__(self, cfg: ModelConfig, ratio: int, width: int, rotate: bool) -> None:
+        super().__init__()
+        self.ratio, self.width, self.rotate = ratio, width, rotate
+        self.overlap = ratio == 4
+        coff = 2 if self.overlap else 1
+        self.rd = cfg.qk_rope_head_dim
+        self.wkv = Linear(cfg.hidden_size, coff * width, torch.float32)
+        self.wgate = Linear(cfg.hidden_size, coff * width, torch.float32)
+        self.ape = nn.Parameter(torch.empty(ratio, coff * width, dtype=torch.float32), requires_grad=False)
+        self.norm = RMSNorm(width, cfg.rms_norm_eps)
+
+    def new_state(self, dtype: torch.dtype) -> CompressorState:
+        return CompressorState(self.width, self.wkv.weight.shape[0], dtype)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (kv, score) [T, coff*c] fp32, for the whole flat batch at once."""
+        xf = x.float()
+        return self.wkv(xf), self.wgate(xf)
+
+    def update(
+        self, st: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: int,
+        inv_freq: torch.Tensor, simulate_quant: bool,
+    ) -> None:  # fmt: skip
+        """Feed one sequence's chunk projections [S, coff*c] at positions pos0...; append
+        the entries of every block completed by this chunk to `st.entries`."""
+        r = self.ratio
+        positions = torch.arange(pos0, pos0 + kv.shape[0])
+        score = score + self.ape[positions % r]
+        kv = torch.cat((st.open_kv, kv))
+        score = torch.cat((st.open_score, score))
+        first_pos = pos0 - st.open_kv.shape[0]  # block aligned
+        n = kv.shape[0] // r
+        st.open_kv, st.open_score = kv[n * r :], score[n * r :]
+        if n == 0:
+            return
+        kv = kv[: n * r].view(n, r, -1)
+        score = score[: n * r].view(n, r, -1)
+        if self.overlap:
+            kv, score = self._overlap_slots(st, kv, score)
+        pooled = (kv * score.softmax(dim=1)).sum(dim=1)  # [n, c]
+        entries = self.norm(pooled.to(st.dtype))
+        starts = first_pos + r * torch.arange(n)
+        angles = starts.float()[:, None] * inv_freq[None, :]
+        entries = apply_rope(entries, angles.cos(), angles.sin())
+        if simulate_quant:
+            entries = self._simulate_quant(entries)
+        st.entries.append(entries)
+
+    def _overlap_slots(
+        self, st: CompressorState, kv: torch.Tensor, score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, r, 2c] blocks -> [n, 2r, c] slots: previous block's first half, then own second half."""
+        c = self.width
+        if st.prev_kv is None:
+            prev_kv = torch.zeros_like(kv[:1])
+            prev_score = torch.full_like(score[:1], float("-inf"))
+        else:
+            prev_kv, prev_score = st.prev_kv[None], st.prev_score[None]
+        st.prev_kv, st.prev_score = kv[-1].clone(), score[-1].clone()
+        prev_kv = torch.cat((prev_kv, kv[:-1]))[..., :c]
+        prev_score = torch.cat((prev_score, score[:-1]))[..., :c]
+        return torch.cat((prev_kv, kv[..., c:]), dim=1), torch.cat((prev_score, score[..., c:]), dim=1)
+
+    def _simulate_quant(self, entries: torch.Tensor) -> torch.Tensor:
+        if self.rotate:
+            return fp4_qdq(hadamard(entries), 32)
+        nope = fp8_qdq(entries[..., : -self.rd], 64)
+        return torch.cat((nope, entries[..., -self.rd :]), dim=-1)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer (SPEC §4.4): picks the top-k visible ratio-4 entries per query."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, dtype)
+        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True)
+        self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
+
+    def queries(
+        self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, simulate_quant: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat batch: (q [T, nI, cI], head weights [T, nI] fp32)."""
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, cos, sin)
+        if simulate_quant:
+            q = fp4_qdq(hadamard(q), 32)
+        w = self.weights_proj(x).float() * self.weight_scale
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One chunk: q [S, nI, cI], w [S, nI], keys [N, cI] -> mask [S, N] of chosen entries.
+
+        score[t, j] = sum_h w[t, h] * relu(q[t, h] . keys[j]); invisible entries (j >=
+        (t+1)//4) never count; ties go to the earlier entry (stable sort) so that any
+        chunking picks the same set.
+        """
+        n = keys.shape[0]
+        visible = torch.arange(n)[None, :] < ((positions + 1) // 4)[:, None]
+        scores = torch.einsum("shc,nc->shn", q.float(), keys.float()).relu_()
+        scores = torch.einsum("shn,sh->sn", scores, w)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        k = min(self.topk, n)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        chosen = torch.zeros_like(visible).scatter_(1, order, True)
+        return chosen & visible
+
+
+class Attention(nn.Module):
+    """One layer's attention; `compress_ratio` 0 (window only), 4 (CSA) or 128 (HCA)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ratio = cfg.compress_ratio(layer_id)
+        self.n_heads, self.head_dim, self.rd = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        self.window = cfg.sliding_window
+        self.eps = cfg.rms_norm_eps
+        d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.wq_a = Linear(d, cfg.q_lora_rank, dtype)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, self.eps)
+        self.wq_b = Linear(cfg.q_lora_rank, h * hd, dtype)
+        self.wkv = Linear(d, hd, dtype)
+        self.kv_norm = RMSNorm(hd, self.eps)
+        self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, dtype)
+        self.attn_sink = nn.Parameter(torch.empty(h, dtype=torch.float32), requires_grad=False)
+        self.compressor = Compressor(cfg, self.ratio, hd, rotate=False) if self.ratio else None
+        self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
+
+    def new_state(self, dtype: torch.dtype) -> LayerState:
+        return LayerState(
+            window=torch.empty(0, self.head_dim, dtype=dtype),
+            compressor=self.compressor.new_state(dtype) if self.compressor is not None else None,
+            indexer=self.indexer.compressor.new_state(dtype) if self.indexer is not None else None,
+        )
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        seqs: list[SeqSlice], states: list[LayerState], simulate_quant: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """x [T, d] (attn_norm output) -> [T, d]. `rope` is (inv_freq, cos [T, rd/2], sin)."""
+        inv_freq, cos, sin = rope
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(rms_scale(q, self.eps), cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if simulate_quant:
+            kv = torch.cat((fp8_qdq(kv[:, : -self.rd], 64), kv[:, -self.rd :]), dim=-1)
+        comp = self.compressor.project(x) if self.compressor is not None else None
+        idx_q = idx_comp = None
+        if self.indexer is not None:
+            idx_q = self.indexer.queries(x, qr, cos, sin, simulate_quant)
+            idx_comp = self.indexer.compressor.project(x)
+        out = torch.empty_like(q)
+        for sq, st in zip(seqs, states, strict=True):
+            rows = slice(sq.start, sq.end)
+            entries, chosen = None, None
+            if comp is not None:
+                self.compressor.update(st.compressor, comp[0][rows], comp[1][rows], sq.pos0, inv_freq, simulate_quant)
+                entries = st.compressor.entries.view()
+                chosen = self._compressed_mask(sq, st, positions[rows], idx_q, idx_comp, inv_freq, simulate_quant)
+            out[rows] = self._attend(q[rows], kv[rows], positions[rows], st, entries, chosen)
+        out = apply_rope(out, cos, sin, inverse=True)
+        return self._project_out(out)
+
+    def _compressed_mask(
+        self, sq: SeqSlice, st: LayerState, positions: torch.Tensor, idx_q, idx_comp, inv_freq, simulate_quant
+    ) -> torch.Tensor:
+        """[S, N] mask of the compressed entries each query attends to."""
+        n = len(st.compressor.entries)
+        if self.indexer is None:  # HCA: every complete block so far
+            return torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
+        rows = slice(sq.start, sq.end)
+        self.indexer.compressor.update(
+            st.indexer, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
+        )
+        q, w = idx_q[0][rows], idx_q[1][rows]
+        return self.indexer.select(q, w, st.indexer.entries.view(), positions)
+
+    def _attend(
+        self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, st: LayerState,
+        entries: torch.Tensor | None, chosen: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One chunk: q [S, H, D], kv [S, D] -> [S, H, D]; one softmax per head with the sink."""
+        keys = torch.cat((st.window, kv))
+        key_pos = torch.arange(positions[0] - st.window.shape[0], positions[-1] + 1)
+        delta = positions[:, None] - key_pos[None, :]
+        mask = (delta >= 0) & (delta < self.window)
+        st.window = keys[-(self.window - 1) :] if self.window > 1 else keys[:0]
+        if entries is not None and entries.shape[0] > 0:
+            keys = torch.cat((keys, entries))
+            mask = torch.cat((mask, chosen), dim=1)
+        keys = keys.float()
+        logits = torch.einsum("shd,ld->hsl", q.float(), keys) * self.head_dim**-0.5
+        logits = logits.masked_fill(~mask[None], float("-inf"))
+        sink = self.attn_sink.view(-1, 1, 1)
+        peak = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+        probs = torch.exp(logits - peak)
+        denom = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - peak)
+        out = torch.einsum("hsl,ld->shd", probs / denom, keys)
+        return out.to(q.dtype)
+
+    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output projection: [T, H, D] -> [T, d]."""
+        g = self.cfg.o_groups
+        o = o.reshape(o.shape[0], g, -1)
+        wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)
+        z = torch.einsum("tgi,gri->tgr", o.to(wo_a.dtype), wo_a)
+        return self.wo_b(z.flatten(1))

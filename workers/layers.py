@@ -1,0 +1,143 @@
+"""Small building blocks of DeepSeek-V4: weights, RMSNorm, interleaved RoPE/YaRN, mHC.
+
+Legend: T tokens of a flat batch, n = hc_mult residual streams, d = hidden size,
+H heads, rd = rope dims (the LAST rd dims of a head), mix = (2 + n) * n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.config import RopeScaling
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer whose parameter is called `weight`, as in the checkpoint.
+
+    Quantized checkpoint weights are dequantized at load (SPEC §8); the GEMM runs in
+    the weight's dtype, so `x` is cast to it first.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 with an fp32 weight; the result has x's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalisation over the last dim (q's per-head norm), in x's dtype."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+# -- RoPE ---------------------------------------------------------------------------------
+
+
+def rope_inv_freq(rope_dim: int, base: float, yarn: RopeScaling | None) -> torch.Tensor:
+    """[rd/2] fp32 angular frequencies; YaRN interpolation when `yarn` is given (SPEC §5)."""
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if yarn is None:
+        return freqs
+
+    def correction_dim(num_rotations: float) -> float:
+        orig = yarn.original_max_position_embeddings
+        return rope_dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp
+    return freqs / yarn.factor * (1 - smooth) + freqs * smooth
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [T, rd/2] fp32 for integer `positions` [T]."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the last rd dims of x [T, ..., D] with interleaved pairs (2i, 2i+1).
+
+    cos/sin are [T, rd/2]; `inverse` applies the conjugate rotation (output de-rotation).
+    Computed in fp32 and returned in x's dtype; the first D - rd dims are untouched.
+    """
+    rd = 2 * cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    if inverse:
+        s = -s
+    rot = x[..., -rd:].float().unflatten(-1, (-1, 2))
+    x0, x1 = rot[..., 0], rot[..., 1]
+    rotated = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-rd], rotated.to(x.dtype)), dim=-1)
+
+
+# -- mHC ----------------------------------------------------------------------------------
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Project [..., n, n] logits toward a doubly stochastic matrix (SPEC §3, exact op order)."""
+    m = logits.softmax(dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+def _hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """[T, n, d] streams -> [T, mix] coefficients; the weightless RMS applies after the matmul."""
+    flat = x.flatten(-2).float()
+    rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(flat, fn) * rsqrt
+
+
+def hc_pre(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+    iters: int, hc_eps: float, norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """mHC entry: x [T, n, d] -> (u [T, d] in x's dtype, post [T, n] fp32, comb [T, n, n] fp32)."""
+    n = x.shape[-2]
+    mixes = _hc_mixes(x, fn, norm_eps)
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb_logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    comb = sinkhorn(comb_logits, iters, hc_eps)
+    u = (pre.unsqueeze(-1) * x.float()).sum(dim=-2)
+    return u.to(x.dtype), post, comb
+
+
+def hc_post(v: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC exit: stream j = post[j] * v + sum_i comb[i, j] * residual[i] (note the transpose)."""
+    mixed = torch.einsum("tij,tid->tjd", comb, residual.float())
+    return (post.unsqueeze(-1) * v.float().unsqueeze(-2) + mixed).to(v.dtype)
+
+
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float, norm_eps: float
+) -> torch.Tensor:
+    """Final collapse of the streams: x [T, n, d] -> [T, d] (no post/comb)."""
+    pre = torch.sigmoid(_hc_mixes(x, fn, norm_eps) * scale + base) + hc_eps
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)

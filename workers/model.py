@@ -1,0 +1,163 @@
+"""The DeepSeek-V4 transformer in pure torch, over a flat batch of sequence chunks.
+
+Reads in the order of the reference `inference/model.py` (SPEC §2): embed -> n residual
+streams -> blocks (mHC around attention and MoE) -> HC head -> final norm -> head.
+
+Unlike the reference (one `start_pos` per batch), every sequence brings its own
+`SeqState` and chunk, so prefill chunks of any size and decode tokens mix in one call.
+Legend: T tokens in the flat batch, n = hc_mult, d = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention import Attention, SeqSlice
+from workers.config import ModelConfig
+from workers.layers import Linear, RMSNorm, hc_head, hc_post, hc_pre, rope_cos_sin, rope_inv_freq
+from workers.moe import MoE
+from workers.state import SeqState
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A flat batch: sequence i's chunk is rows seqs[i].start:seqs[i].end of the inputs."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] absolute position of each token in its sequence
+    seqs: list[SeqSlice]
+
+    @classmethod
+    def build(cls, chunks: list[torch.Tensor], states: list[SeqState]) -> Batch:
+        """Chunks of token ids (1-D, non-empty), each continuing its state."""
+        seqs, positions, start = [], [], 0
+        for ids, st in zip(chunks, states, strict=True):
+            n = ids.shape[0]
+            seqs.append(SeqSlice(start, start + n, st.num_tokens))
+            positions.append(torch.arange(st.num_tokens, st.num_tokens + n))
+            start += n
+        return cls(torch.cat(chunks).long(), torch.cat(positions), seqs)
+
+
+class Block(nn.Module):
+    """One layer: mHC(attention) then mHC(MoE); parameter names follow the checkpoint."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        n, d = cfg.hc_mult, cfg.hidden_size
+        mix = (2 + n) * n
+        self.attn = Attention(cfg, layer_id, dtype)
+        self.ffn = MoE(cfg, layer_id, dtype)
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        for part in ("attn", "ffn"):
+            self.register_parameter(f"hc_{part}_fn", _param(mix, n * d))
+            self.register_parameter(f"hc_{part}_base", _param(mix))
+            self.register_parameter(f"hc_{part}_scale", _param(3))
+        ratio = cfg.compress_ratio(layer_id)
+        base = cfg.compress_rope_theta if ratio else cfg.rope_theta
+        yarn = cfg.rope_scaling if ratio else None  # YaRN only on compressed layers
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, base, yarn), persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, batch: Batch, states: list, rope: dict, simulate_quant: bool
+    ) -> torch.Tensor:
+        """x [T, n, d] -> [T, n, d]; `states` are this layer's LayerStates, one per sequence."""
+        c = self.cfg
+        key = "compress" if self.attn.ratio else "main"
+        if key not in rope:
+            rope[key] = (self.inv_freq, *rope_cos_sin(self.inv_freq, batch.positions))
+        u, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                               c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)  # fmt: skip
+        v = self.attn(self.attn_norm(u), batch.positions, rope[key], batch.seqs, states, simulate_quant)
+        x = hc_post(v, x, post, comb)
+        u, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                               c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)  # fmt: skip
+        v = self.ffn(self.ffn_norm(u), batch.input_ids)
+        return hc_post(v, x, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block (SPEC §7): a full Block fed with the main model's
+    streams at t and the embedding of token t+1; shares embed and head with the model."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__(cfg, layer_id, dtype)
+        d, n = cfg.hidden_size, cfg.hc_mult
+        self.e_proj = Linear(d, d, dtype)
+        self.h_proj = Linear(d, d, dtype)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hc_head_fn = _param(n, n * d)
+        self.hc_head_base = _param(n)
+        self.hc_head_scale = _param(1)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 (main model + MTP blocks). Parameter names are the checkpoint's names."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True):
+        super().__init__()
+        self.cfg, self.dtype, self.simulate_quant = cfg, dtype, simulate_quant
+        n, d = cfg.hc_mult, cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = Linear(d, cfg.vocab_size, torch.float32)
+        self.hc_head_fn = _param(n, n * d)
+        self.hc_head_base = _param(n)
+        self.hc_head_scale = _param(1)
+        n_main = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPBlock(cfg, n_main + k, dtype) for k in range(cfg.num_nextn_predict_layers))
+
+    # -- state ------------------------------------------------------------------------
+    def new_state(self) -> SeqState:
+        return SeqState([blk.attn.new_state(self.dtype) for blk in self.layers])
+
+    def new_mtp_state(self, k: int = 0) -> SeqState:
+        return SeqState([self.mtp[k].attn.new_state(self.dtype)])
+
+    # -- forward ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
+        """Run the chunks; returns the final residual streams [T, n, d] and advances states."""
+        x = self.embed(batch.input_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        rope: dict = {}
+        for i, blk in enumerate(self.layers):
+            x = blk(x, batch, [st.layers[i] for st in states], rope, self.simulate_quant)
+        for sq, st in zip(batch.seqs, states, strict=True):
+            st.num_tokens += sq.end - sq.start
+        return x
+
+    @torch.inference_mode()
+    def logits(self, streams: torch.Tensor) -> torch.Tensor:
+        """[T, n, d] residual streams -> [T, vocab] fp32 logits."""
+        c = self.cfg
+        u = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
+        return F.linear(self.norm(u).float(), self.head.weight)
+
+    @torch.inference_mode()
+    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, batch: Batch,
+                   states: list[SeqState], k: int = 0) -> torch.Tensor:  # fmt: skip
+        """Score token t+2 from the main streams at t [T, n, d] and token t+1 `next_ids` [T]."""
+        blk, c = self.mtp[k], self.cfg
+        e = blk.enorm(self.embed(next_ids))
+        x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(streams))
+        mtp_batch = Batch(next_ids.long(), batch.positions, batch.seqs)
+        x = blk(x.to(self.dtype), mtp_batch, [st.layers[0] for st in states], {}, self.simulate_quant)
+        for sq, st in zip(batch.seqs, states, strict=True):
+            st.num_tokens += sq.end - sq.start
+        u = hc_head(x, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.hc_eps, c.rms_norm_eps)
+        return F.linear(blk.norm(u).float(), self.head.weight)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=torch.float32), requires_grad=False)

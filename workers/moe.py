@@ -1,0 +1,144 @@
+"""DeepSeek-V4 mixture of experts (SPEC §6): sqrt-softplus gate with a selection-only
+bias (or hash routing through `tid2eid` on the first layers), clamped SwiGLU experts
+and one shared expert.
+
+Legend: T tokens, d hidden, I expert width, E routed experts (E_local held here),
+K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.config import ModelConfig
+from workers.layers import Linear
+
+
+class Gate(nn.Module):
+    """Scores and picks experts. Hash layers read `tid2eid`; others add `bias` for selection only."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.score_func = cfg.scoring_func
+        self.route_scale = cfg.routed_scaling_factor
+        self.is_hash = layer_id < cfg.num_hash_layers
+        e = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size, dtype=torch.float32), requires_grad=False)
+        if self.is_hash:
+            self.register_buffer("tid2eid", torch.empty(cfg.vocab_size, self.top_k, dtype=torch.int64))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.empty(e, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d], input_ids [T] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
+        scores = F.linear(x.float(), self.weight)
+        if self.score_func == "softmax":
+            scores = scores.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = scores.sigmoid()
+        else:
+            scores = F.softplus(scores).sqrt()
+        if self.is_hash:
+            ids = self.tid2eid[input_ids]
+        else:
+            ids = (scores + self.bias).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, ids
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, L)) * clamp(up, -L, L) in fp32; no clamp when L <= 0."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class Expert(nn.Module):
+    """The shared expert (same math as a routed one)."""
+
+    def __init__(self, dim: int, inter: int, limit: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.limit = limit
+        self.w1 = Linear(dim, inter, dtype)
+        self.w2 = Linear(inter, dim, dtype)
+        self.w3 = Linear(dim, inter, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
+
+
+class ExpertGroup(nn.Module):
+    """Routed experts stacked per projection: w1/w3 [E_local, I, d], w2 [E_local, d, I].
+
+    `expert_ids[k]` is the global id of local expert k; the checkpoint names them
+    `experts.{id}.w{1,2,3}.weight`.
+    """
+
+    def __init__(self, dim: int, inter: int, expert_ids: list[int], limit: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.expert_ids = list(expert_ids)
+        self.limit = limit
+        e = len(expert_ids)
+        self.w1 = nn.Parameter(torch.empty(e, inter, dim, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, dim, inter, dtype=dtype), requires_grad=False)
+        self.w3 = nn.Parameter(torch.empty(e, inter, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Rows x [P, d] with local expert ids [P] and gate weights [P] -> weighted outputs [P, d] fp32.
+
+        Rows are sorted by expert and run as one grouped GEMM per projection.
+        """
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=self.w1.shape[0])
+        xs = x[order].to(self.w1.dtype)
+        h = swiglu(grouped_linear(xs, self.w1, counts), grouped_linear(xs, self.w3, counts), self.limit)
+        h = (h * weights[order, None]).to(self.w2.dtype)
+        y = grouped_linear(h, self.w2, counts).float()
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [P, in] sorted by group, w [G, out, in], counts [G] -> [P, out]: row block g times w[g]^T."""
+    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
+    if hasattr(F, "grouped_mm") and x.shape[0] > 0 and aligned:  # needs 16-byte row strides
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = x[start : start + n] @ w[g].T
+            start += n
+    return out
+
+
+class MoE(nn.Module):
+    """Gate + routed experts + shared expert for one layer (all experts local)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, expert_ids: list[int] | None = None):
+        super().__init__()
+        ids = list(range(cfg.n_routed_experts)) if expert_ids is None else expert_ids
+        d, inter, limit = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
+        self.gate = Gate(cfg, layer_id)
+        self.experts = ExpertGroup(d, inter, ids, limit, dtype)
+        self.shared_experts = Expert(d, inter, limit, dtype)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (ffn_norm output) -> [T, d] in x's dtype."""
+        weights, ids = self.gate(x, input_ids)
+        k = ids.shape[1]
+        rows = torch.arange(x.shape[0]).repeat_interleave(k)
+        routed = self.experts(x[rows], ids.flatten(), weights.flatten())
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32).index_add_(0, rows, routed)
+        y += self.shared_experts(x).float()
+        return y.to(x.dtype)
