@@ -1,0 +1,276 @@
+"""The serving engine: a loop thread that schedules steps on a model worker and streams
+`RequestOutput`s to each request's sink.
+
+Thread model: `submit`/`abort` may be called from any thread (the gRPC server's); the
+loop thread owns the scheduler, the worker and every request's text stream. A failing
+step fails the requests in it, frees their state and pages, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from cluster.messages import (
+    EngineUnavailableError,
+    GenerateRequest,
+    QueueFullError,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+)
+from cluster.scheduler import SchedRequest, Scheduler
+from cluster.textstream import TextStream
+from encoding.tokenizer import DeepSeekV4Tokenizer
+from workers.kv_cache import KVCacheManager
+
+log = logging.getLogger("dsv4.engine")
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_running: int = 64  # requests in the running batch
+    max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
+    max_model_len: int = 1048576  # prompt + completion tokens per request
+
+
+@dataclass
+class _Live:
+    """Engine-side state of one request."""
+
+    req: SchedRequest
+    sink: Sink
+    text: TextStream
+    t_submit: float
+    t_first: float | None = None
+    cached_tokens: int = 0
+    pending_abort: bool = False
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens_in: int = 0  # prompt tokens admitted
+    tokens_out: int = 0  # completion tokens produced
+    preemptions: int = 0
+    step_listeners: list[Callable[[float, int], None]] = field(default_factory=list)  # (seconds, tokens)
+
+
+class Engine:
+    def __init__(
+        self, worker, tokenizer: DeepSeekV4Tokenizer, kv: KVCacheManager, config: EngineConfig, eos_id: int = 1
+    ) -> None:
+        self.worker, self.tokenizer, self.kv, self.config, self.eos_id = worker, tokenizer, kv, config, eos_id
+        self.scheduler = Scheduler(kv, config.max_batch_tokens, config.max_running)
+        self.stats = EngineStats()
+        self._live: dict[str, _Live] = {}
+        self._inbox: list[tuple[str, object]] = []  # ("submit", _Live) | ("abort", uid)
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+        self.vocab_size = worker.model.cfg.vocab_size
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop admitting; with `drain`, finish what runs first; then end the loop."""
+        with self._cv:
+            self._draining = True
+            if not drain:
+                for uid in list(self._live):
+                    self._inbox.append(("abort", uid))
+            self._cv.notify_all()
+        deadline = time.monotonic() + timeout
+        while self._live and time.monotonic() < deadline and drain:
+            time.sleep(0.01)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- API (any thread) --------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        """Queue a request; raises RequestError / QueueFullError / EngineUnavailableError."""
+        self._validate(request)
+        params = request.sampling
+        if params.seed is None:  # fixed now, so a preempted request redraws the same numbers
+            params = _with_seed(params, random.getrandbits(62))
+        req = SchedRequest(request.uid, list(request.prompt_ids), params)
+        live = _Live(req, sink, TextStream(self.tokenizer, params.stop), time.monotonic())
+        with self._cv:
+            if self._draining or self._stopping:
+                raise EngineUnavailableError("the engine is draining and admits no new requests")
+            if request.uid in self._live or any(k == "submit" and v.req.uid == request.uid for k, v in self._inbox):
+                raise RequestError("request_id", f"{request.uid!r} is already running")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+            self._inbox.append(("submit", live))
+            self._cv.notify_all()
+
+    def abort(self, uid: str) -> bool:
+        """Cancel a request; False if no such request is running or waiting."""
+        with self._cv:
+            known = uid in self._live or any(k == "submit" and v.req.uid == uid for k, v in self._inbox)
+            if known:
+                self._inbox.append(("abort", uid))
+                self._cv.notify_all()
+            return known
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no request is live and the worker holds no state (tests, drain)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                idle = not self._live and not self._inbox and not self.scheduler.has_work()
+            if idle and self.worker.num_states() == 0:
+                return True
+            time.sleep(0.005)
+        return False
+
+    def load(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "kv_pages_used": self.kv.used_pages,
+            "kv_pages_free": self.kv.free_pages,
+            "kv_pages_total": self.kv.num_pages,
+            "worker_states": self.worker.num_states(),
+        }
+
+    def _validate(self, request: GenerateRequest) -> None:
+        request.sampling.validate()
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestError("prompt", "is empty")
+        bad = next((t for t in request.prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError("prompt_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        total = n + request.sampling.max_tokens
+        if total > self.config.max_model_len:
+            raise RequestError(
+                "sampling.max_tokens",
+                f"prompt ({n} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} exceeds the "
+                f"maximum context of {self.config.max_model_len} tokens",
+            )
+        if not self.kv.fits_ever(total):
+            raise RequestError(
+                "sampling.max_tokens",
+                f"prompt + max_tokens = {total} tokens needs {self.kv.pages_for(total)} KV pages; "
+                f"the cache has {self.kv.num_pages}",
+            )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for kind, item in inbox:
+                self._ingest(kind, item)
+            if self.scheduler.has_work():
+                self._step()
+        for uid in list(self._live):
+            self._finish(uid, "abort")
+
+    def _ingest(self, kind: str, item) -> None:
+        if kind == "submit":
+            self._live[item.req.uid] = item
+            self.scheduler.add(item.req)
+            self.stats.tokens_in += len(item.req.prompt)
+        elif item in self._live:
+            self._finish(item, "abort")
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if not plan.work and not plan.finished:
+            time.sleep(0.001)  # nothing fits right now (pages); wait for frees
+            return
+        t0 = time.perf_counter()
+        try:
+            result = self.worker.execute(plan)
+        except Exception as e:  # a bad step fails its requests, never the engine
+            log.exception("step failed")
+            for w in plan.work:
+                self._finish(w.uid, "error", error=f"engine step failed: {type(e).__name__}: {e}")
+            return
+        self.stats.steps += 1
+        n_tokens = sum(len(w.token_ids) for w in plan.work)
+        for listener in self.stats.step_listeners:
+            listener(time.perf_counter() - t0, n_tokens)
+        self._postprocess(plan, result)
+
+    def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
+        for uid, token in result.tokens.items():
+            live = self._live.get(uid)
+            if live is None:
+                continue
+            live.req.output.append(token)
+            self.stats.tokens_out += 1
+            now = time.monotonic()
+            if live.t_first is None:
+                live.t_first = now
+            reason = self._stop_reason(live, token)
+            emit_text = token != self.eos_id and token not in live.req.sampling.stop_token_ids
+            text = live.text.push(token) if emit_text else ""
+            if live.text.stopped:
+                reason = "stop"
+            lp = (result.logprobs[uid],) if uid in result.logprobs else ()
+            if reason is not None and not live.text.stopped:
+                text += live.text.finish()
+            self._emit(live, RequestOutput(uid, (token,), text, lp, **self._usage(live)))
+            if reason is not None:
+                self._finish(uid, reason)
+
+    def _stop_reason(self, live: _Live, token: int) -> str | None:
+        p = live.req.sampling
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if len(live.req.output) >= p.max_tokens:
+            return "length"
+        return None
+
+    def _usage(self, live: _Live) -> dict:
+        ttft = 0.0 if live.t_first is None else (live.t_first - live.t_submit) * 1000
+        return {
+            "prompt_tokens": len(live.req.prompt),
+            "completion_tokens": len(live.req.output),
+            "cached_tokens": live.cached_tokens,
+            "time_to_first_token_ms": ttft,
+        }
+
+    def _finish(self, uid: str, reason: str, error: str | None = None) -> None:
+        live = self._live.pop(uid, None)
+        if live is None:
+            return
+        self.scheduler.remove(uid)
+        self.stats.preemptions += live.req.num_preemptions
+        self._emit(live, RequestOutput(uid, finish_reason=reason, error=error, **self._usage(live)))
+
+    @staticmethod
+    def _emit(live: _Live, out: RequestOutput) -> None:
+        try:
+            live.sink(out)
+        except Exception:  # a broken sink (client gone) must not stop the engine
+            log.exception("sink of %s failed", out.uid)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return replace(params, seed=seed)

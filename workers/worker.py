@@ -1,0 +1,79 @@
+"""The model worker: owns a model and its requests' state, runs one `StepPlan` per call.
+
+Plain class; the in-process backend calls it directly and the Ray backend wraps it
+(`ray.remote` lives in one place, cluster/backends).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
+from workers.model import Batch, Transformer
+from workers.sampler import SamplingBatch, sample
+from workers.state import SeqState
+
+
+class ModelWorker:
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.states: dict[str, SeqState] = {}  # uid -> model state
+        self.params: dict[str, SamplingParams] = {}  # uid -> sampling params
+        self.seeds: dict[str, int] = {}  # uid -> RNG seed
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Drop finished state, run every chunk of the plan in one flat batch, sample."""
+        for uid in plan.finished:
+            self.release(uid)
+        for uid, params in plan.sampling.items():
+            self.params[uid] = params
+            self.seeds[uid] = params.seed if params.seed is not None else _fresh_seed()
+        if not plan.work:
+            return StepResult(tokens={})
+        states = []
+        for w in plan.work:
+            st = self.states.get(w.uid)
+            if st is None:
+                st = self.states[w.uid] = self.model.new_state()
+            assert st.num_tokens == w.pos0, f"{w.uid}: state at {st.num_tokens}, plan at {w.pos0}"
+            states.append(st)
+        chunks = [torch.tensor(w.token_ids, dtype=torch.int64) for w in plan.work]
+        batch = Batch.build(chunks, states)
+        streams = self.model(batch, states)
+        rows = [i for i, w in enumerate(plan.work) if w.sample]
+        if not rows:
+            return StepResult(tokens={})
+        last = torch.tensor([batch.seqs[i].end - 1 for i in rows])
+        logits = self.model.logits(streams[last])
+        uids = [plan.work[i].uid for i in rows]
+        return self._sample(uids, logits, plan.num_generated)
+
+    def _sample(self, uids: list[str], logits: torch.Tensor, counters: dict[str, int]) -> StepResult:
+        rows = []
+        for uid in uids:
+            p = self.params[uid]
+            rows.append((p.temperature, p.top_p, p.top_k, p.min_p, self.seeds[uid], counters.get(uid, 0), p.logprobs))
+        sb = SamplingBatch.build(rows)
+        tokens, chosen, top = sample(logits, sb)
+        out_tokens = dict(zip(uids, tokens.tolist(), strict=True))
+        logprobs: dict[str, TokenLogprob] = {}
+        if chosen is not None:
+            ids, vals = top[0].tolist(), top[1].tolist()
+            for i, uid in enumerate(uids):
+                n = self.params[uid].logprobs
+                if n > 0:
+                    alts = tuple(zip(ids[i][:n], vals[i][:n], strict=True))
+                    logprobs[uid] = TokenLogprob(out_tokens[uid], float(chosen[i]), alts)
+        return StepResult(tokens=out_tokens, logprobs=logprobs)
+
+    def release(self, uid: str) -> None:
+        self.states.pop(uid, None)
+        self.params.pop(uid, None)
+        self.seeds.pop(uid, None)
+
+    def num_states(self) -> int:
+        return len(self.states)
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
