@@ -11,6 +11,7 @@ import torch
 from cluster.engine import Engine, EngineConfig
 from encoding.tokenizer import load_tokenizer
 from workers.kv_cache import KVCacheManager, KVLayout
+from workers.layers import default_cpu_dtype
 from workers.weights import load_model
 from workers.worker import ModelWorker
 
@@ -21,7 +22,7 @@ def build_engine(
     checkpoint: str | Path,
     *,
     engine_config: EngineConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     kv_cache_bytes: int = 2 << 30,
     page_size: int = 64,
     simulate_quant: bool = True,
@@ -29,6 +30,7 @@ def build_engine(
 ) -> Engine:
     """Load a checkpoint and return a started engine serving it."""
     engine_config = engine_config or EngineConfig()
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
     model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
     tokenizer = load_tokenizer(str(checkpoint))
@@ -37,8 +39,8 @@ def build_engine(
     max_len = min(engine_config.max_model_len, model.cfg.max_position_embeddings)
     config = EngineConfig(**{**engine_config.__dict__, "max_model_len": max_len})
     log.info(
-        "model loaded in %.1fs: %d layers, %d experts, KV %.0f B/token + %.1f MiB/request, %d pages of %d tokens",
-        time.perf_counter() - t0, model.cfg.num_hidden_layers, model.cfg.n_routed_experts,
-        layout.bytes_per_token, layout.bytes_per_seq / 2**20, kv.num_pages, page_size,
+        "model loaded (%s) in %.1fs: %d layers, %d experts, KV %.0f B/token + %.1f MiB/request, %d pages of %d tokens",
+        str(dtype).removeprefix("torch."), time.perf_counter() - t0, model.cfg.num_hidden_layers,
+        model.cfg.n_routed_experts, layout.bytes_per_token, layout.bytes_per_seq / 2**20, kv.num_pages, page_size,
     )  # fmt: skip
     return Engine(ModelWorker(model), tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()

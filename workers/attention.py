@@ -62,8 +62,7 @@ class Compressor(nn.Module):
         """Feed one sequence's chunk projections [S, coff*c] at positions pos0...; append
         the entries of every block completed by this chunk to `st.entries`."""
         r = self.ratio
-        positions = torch.arange(pos0, pos0 + kv.shape[0])
-        score = score + self.ape[positions % r]
+        score = score + self.ape[torch.arange(pos0, pos0 + kv.shape[0]) % r]
         kv = torch.cat((st.open_kv, kv))
         score = torch.cat((st.open_score, score))
         first_pos = pos0 - st.open_kv.shape[0]  # block aligned
@@ -71,33 +70,71 @@ class Compressor(nn.Module):
         st.open_kv, st.open_score = kv[n * r :], score[n * r :]
         if n == 0:
             return
-        kv = kv[: n * r].view(n, r, -1)
-        score = score[: n * r].view(n, r, -1)
-        if self.overlap:
-            kv, score = self._overlap_slots(st, kv, score)
-        pooled = (kv * score.softmax(dim=1)).sum(dim=1)  # [n, c]
-        entries = self.norm(pooled.to(st.dtype))
+        kv, score = kv[: n * r].view(n, r, -1), score[: n * r].view(n, r, -1)
+        prev_kv = prev_score = None
+        if self.overlap:  # block k pools with block k-1; block 0 with the carried one
+            carried_kv, carried_score = self._carried([st], kv)
+            prev_kv, prev_score = torch.cat((carried_kv, kv[:-1])), torch.cat((carried_score, score[:-1]))
+            st.prev_kv, st.prev_score = kv[-1], score[-1]
         starts = first_pos + r * torch.arange(n)
+        st.entries.append(self._emit(kv, score, prev_kv, prev_score, starts, inv_freq, simulate_quant, st.dtype))
+
+    def update_rows(
+        self, states: list[CompressorState], kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor,
+        inv_freq: torch.Tensor, simulate_quant: bool,
+    ) -> None:  # fmt: skip
+        """Decode: one new row per sequence (kv/score [B, coff*c] at `positions` [B]); the
+        blocks completed this step are pooled together in one batch."""
+        r = self.ratio
+        score = score + self.ape[positions % r]
+        closing = []
+        for i, st in enumerate(states):
+            st.open_kv = torch.cat((st.open_kv, kv[i : i + 1]))
+            st.open_score = torch.cat((st.open_score, score[i : i + 1]))
+            if st.open_kv.shape[0] == r:
+                closing.append(i)
+        if not closing:
+            return
+        done = [states[i] for i in closing]
+        kv = torch.stack([st.open_kv for st in done])  # [m, r, coff*c]
+        score = torch.stack([st.open_score for st in done])
+        prev_kv = prev_score = None
+        if self.overlap:
+            prev_kv, prev_score = self._carried(done, kv)
+        for j, st in enumerate(done):
+            if self.overlap:
+                st.prev_kv, st.prev_score = kv[j], score[j]
+            st.open_kv, st.open_score = kv[j, :0], score[j, :0]
+        starts = positions[closing] + 1 - r
+        entries = self._emit(kv, score, prev_kv, prev_score, starts, inv_freq, simulate_quant, done[0].dtype)
+        for j, st in enumerate(done):
+            st.entries.append(entries[j : j + 1])
+
+    def _carried(self, states: list[CompressorState], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each state's previous complete block [m, r, 2c]; (0, -inf) where there is none yet."""
+        zeros, ninf = torch.zeros_like(like[0]), torch.full_like(like[0], float("-inf"))
+        kv = torch.stack([zeros if st.prev_kv is None else st.prev_kv for st in states])
+        score = torch.stack([ninf if st.prev_score is None else st.prev_score for st in states])
+        return kv, score
+
+    def _emit(
+        self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None, prev_score: torch.Tensor | None,
+        starts: torch.Tensor, inv_freq: torch.Tensor, simulate_quant: bool, dtype: torch.dtype,
+    ) -> torch.Tensor:  # fmt: skip
+        """Complete blocks [n, r, coff*c] (+ their previous blocks when overlapping) -> entries [n, c].
+
+        With overlap, the 2r slots are the previous block's first half then this block's
+        second half; softmax over slots per channel; RMSNorm; RoPE at the block start;
+        then the FP8 (main) or Hadamard + FP4 (indexer) simulation."""
+        c = self.width
+        if self.overlap:
+            kv = torch.cat((prev_kv[..., :c], kv[..., c:]), dim=1)
+            score = torch.cat((prev_score[..., :c], score[..., c:]), dim=1)
+        pooled = (kv * score.softmax(dim=1)).sum(dim=1)  # [n, c]
+        entries = self.norm(pooled.to(dtype))
         angles = starts.float()[:, None] * inv_freq[None, :]
         entries = apply_rope(entries, angles.cos(), angles.sin())
-        if simulate_quant:
-            entries = self._simulate_quant(entries)
-        st.entries.append(entries)
-
-    def _overlap_slots(
-        self, st: CompressorState, kv: torch.Tensor, score: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[n, r, 2c] blocks -> [n, 2r, c] slots: previous block's first half, then own second half."""
-        c = self.width
-        if st.prev_kv is None:
-            prev_kv = torch.zeros_like(kv[:1])
-            prev_score = torch.full_like(score[:1], float("-inf"))
-        else:
-            prev_kv, prev_score = st.prev_kv[None], st.prev_score[None]
-        st.prev_kv, st.prev_score = kv[-1].clone(), score[-1].clone()
-        prev_kv = torch.cat((prev_kv, kv[:-1]))[..., :c]
-        prev_score = torch.cat((prev_score, score[:-1]))[..., :c]
-        return torch.cat((prev_kv, kv[..., c:]), dim=1), torch.cat((prev_score, score[..., c:]), dim=1)
+        return self._simulate_quant(entries) if simulate_quant else entries
 
     def _simulate_quant(self, entries: torch.Tensor) -> torch.Tensor:
         if self.rotate:
@@ -144,6 +181,22 @@ class Indexer(nn.Module):
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         chosen = torch.zeros_like(visible).scatter_(1, order, True)
         return chosen & visible
+
+    def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
+        """Decode: q [B, nI, cI], w [B, nI], each row's keys [N_b, cI] -> mask [B, max N_b].
+
+        Every existing key is visible to a decode query; padding never counts."""
+        counts = torch.tensor([k.shape[0] for k in keys])
+        padded = nn.utils.rnn.pad_sequence(keys, batch_first=True).float()  # [B, N, cI]
+        if padded.shape[1] == 0:
+            return torch.zeros(len(keys), 0, dtype=torch.bool)
+        scores = torch.einsum("bhc,bnc->bhn", q.float(), padded).relu_()
+        scores = torch.einsum("bhn,bh->bn", scores, w)
+        valid = torch.arange(padded.shape[1])[None, :] < counts[:, None]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        k = min(self.topk, padded.shape[1])
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        return torch.zeros_like(valid).scatter_(1, order, True) & valid
 
 
 class Attention(nn.Module):
@@ -192,6 +245,9 @@ class Attention(nn.Module):
         if self.indexer is not None:
             idx_q = self.indexer.queries(x, qr, cos, sin, simulate_quant)
             idx_comp = self.indexer.compressor.project(x)
+        if len(seqs) > 1 and all(sq.end - sq.start == 1 for sq in seqs):
+            out = self._decode(q, kv, positions, comp, idx_q, idx_comp, states, inv_freq, simulate_quant)
+            return self._project_out(apply_rope(out, cos, sin, inverse=True))
         out = torch.empty_like(q)
         for sq, st in zip(seqs, states, strict=True):
             rows = slice(sq.start, sq.end)
@@ -232,14 +288,53 @@ class Attention(nn.Module):
             keys = torch.cat((keys, entries))
             mask = torch.cat((mask, chosen), dim=1)
         keys = keys.float()
-        logits = torch.einsum("shd,ld->hsl", q.float(), keys) * self.head_dim**-0.5
-        logits = logits.masked_fill(~mask[None], float("-inf"))
-        sink = self.attn_sink.view(-1, 1, 1)
+        logits = torch.einsum("shd,ld->shl", q.float(), keys) * self.head_dim**-0.5
+        out = torch.einsum("shl,ld->shd", self._softmax_with_sink(logits, mask), keys)
+        return out.to(q.dtype)
+
+    def _decode(
+        self, q, kv, positions, comp, idx_q, idx_comp, states: list[LayerState], inv_freq, simulate_quant
+    ) -> torch.Tensor:
+        """Decode step, one token per sequence, as one batch: q [B, H, D], kv [B, D] -> [B, H, D].
+
+        Each row's keys are [its compressed entries | its window rows | its new row],
+        padded to the longest row; every existing entry is visible to a decode query (an
+        entry exists once its block is complete), CSA rows keep only the indexer's top-k.
+        """
+        n_entries = torch.zeros(len(states), dtype=torch.int64)
+        chosen = None
+        if comp is not None:
+            self.compressor.update_rows([st.compressor for st in states], *comp, positions, inv_freq, simulate_quant)
+            n_entries = torch.tensor([len(st.compressor.entries) for st in states])
+            if self.indexer is not None:
+                idx_states = [st.indexer for st in states]
+                self.indexer.compressor.update_rows(idx_states, *idx_comp, positions, inv_freq, simulate_quant)
+                chosen = self.indexer.select_rows(*idx_q, [st.entries.view() for st in idx_states])
+        rows = []
+        for i, st in enumerate(states):
+            window = torch.cat((st.window, kv[i : i + 1]))
+            entries = st.compressor.entries.view() if st.compressor is not None else window[:0]
+            rows.append(torch.cat((entries, window)))
+            st.window = window[-(self.window - 1) :] if self.window > 1 else window[:0]
+        lengths = torch.tensor([r.shape[0] for r in rows])
+        keys = nn.utils.rnn.pad_sequence(rows, batch_first=True).float()  # [B, L, D]
+        slot = torch.arange(keys.shape[1])[None, :]
+        mask = slot < lengths[:, None]
+        if chosen is not None:  # CSA: entries outside the top-k are masked
+            width = min(chosen.shape[1], keys.shape[1])
+            is_entry = slot[:, :width] < n_entries[:, None]
+            mask[:, :width] &= ~is_entry | chosen[:, :width]
+        logits = torch.einsum("bhd,bld->bhl", q.float(), keys) * self.head_dim**-0.5
+        out = torch.einsum("bhl,bld->bhd", self._softmax_with_sink(logits, mask), keys)
+        return out.to(q.dtype)
+
+    def _softmax_with_sink(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """logits [X, H, L], mask [X, L] -> probabilities [X, H, L]; the sink adds only to the denominator."""
+        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+        sink = self.attn_sink.view(1, -1, 1)
         peak = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
         probs = torch.exp(logits - peak)
-        denom = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - peak)
-        out = torch.einsum("hsl,ld->shd", probs / denom, keys)
-        return out.to(q.dtype)
+        return probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - peak))
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection: [T, H, D] -> [T, d]."""
