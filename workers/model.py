@@ -46,14 +46,16 @@ class Batch:
 class Block(nn.Module):
     """One layer: mHC(attention) then mHC(MoE); parameter names follow the checkpoint."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, expert_ids: list[int] | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
         n, d = cfg.hc_mult, cfg.hidden_size
         mix = (2 + n) * n
         self.attn = Attention(cfg, layer_id, dtype)
-        self.ffn = MoE(cfg, layer_id, dtype)
+        self.ffn = MoE(cfg, layer_id, dtype, expert_ids)
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
         for part in ("attn", "ffn"):
@@ -87,8 +89,10 @@ class MTPBlock(Block):
     """Multi-token prediction block (SPEC §7): a full Block fed with the main model's
     streams at t and the embedding of token t+1; shares embed and head with the model."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
-        super().__init__(cfg, layer_id, dtype)
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, expert_ids: list[int] | None = None
+    ) -> None:
+        super().__init__(cfg, layer_id, dtype, expert_ids)
         d, n = cfg.hidden_size, cfg.hc_mult
         self.e_proj = Linear(d, d, dtype)
         self.h_proj = Linear(d, d, dtype)
@@ -101,22 +105,30 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V4 (main model + MTP blocks). Parameter names are the checkpoint's names."""
+    """DeepSeek-V4 (main model + MTP blocks). Parameter names are the checkpoint's names.
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True):
+    `expert_ids` (default: all) are the routed experts this instance holds in every layer.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True,
+        expert_ids: list[int] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.cfg, self.dtype, self.simulate_quant = cfg, dtype, simulate_quant
         n, d = cfg.hc_mult, cfg.hidden_size
         self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, expert_ids) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = Linear(d, cfg.vocab_size, torch.float32)
         self.hc_head_fn = _param(n, n * d)
         self.hc_head_base = _param(n)
         self.hc_head_scale = _param(1)
         n_main = cfg.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPBlock(cfg, n_main + k, dtype) for k in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPBlock(cfg, n_main + k, dtype, expert_ids) for k in range(cfg.num_nextn_predict_layers)
+        )
 
     # -- state ------------------------------------------------------------------------
     def new_state(self) -> SeqState:

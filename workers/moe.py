@@ -123,22 +123,33 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 
 class MoE(nn.Module):
-    """Gate + routed experts + shared expert for one layer (all experts local)."""
+    """Gate + routed experts + shared expert for one layer.
+
+    With `expert_ids` a subset, only those experts' weights exist here and the routed sum
+    covers only them (an expert-parallel worker's local part; the rest is computed where
+    those experts live).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, expert_ids: list[int] | None = None):
         super().__init__()
-        ids = list(range(cfg.n_routed_experts)) if expert_ids is None else expert_ids
+        ids = list(range(cfg.n_routed_experts)) if expert_ids is None else sorted(expert_ids)
         d, inter, limit = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
         self.gate = Gate(cfg, layer_id)
         self.experts = ExpertGroup(d, inter, ids, limit, dtype)
         self.shared_experts = Expert(d, inter, limit, dtype)
+        to_local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
+        to_local[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
+        self.register_buffer("to_local", to_local, persistent=False)  # global expert id -> local, -1 elsewhere
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [T, d] (ffn_norm output) -> [T, d] in x's dtype."""
         weights, ids = self.gate(x, input_ids)
         k = ids.shape[1]
         rows = torch.arange(x.shape[0]).repeat_interleave(k)
-        routed = self.experts(x[rows], ids.flatten(), weights.flatten())
+        local = self.to_local[ids.flatten()]
+        keep = local >= 0
+        rows, local, weights = rows[keep], local[keep], weights.flatten()[keep]
+        routed = self.experts(x[rows], local, weights)
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32).index_add_(0, rows, routed)
         y += self.shared_experts(x).float()
         return y.to(x.dtype)

@@ -83,12 +83,15 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch
 
     Logprobs are of the model's raw distribution (before temperature and filters).
     """
-    x = filtered_logits(logits, sb)
-    probs = x.softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    target = (sb.uniforms * cdf[:, -1])[:, None]
-    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
-    tokens = torch.where(sb.temperature > 0, drawn, logits.argmax(dim=-1))
+    tokens = logits.argmax(dim=-1)
+    rows = (sb.temperature > 0).nonzero().squeeze(1)
+    if rows.numel():  # only the sampled rows pay for filtering and the CDF
+        sub = SamplingBatch(*(t[rows] for t in (sb.temperature, sb.top_p, sb.top_k, sb.min_p, sb.uniforms)), 0)
+        probs = filtered_logits(logits[rows], sub).softmax(dim=-1).double()
+        cdf = probs.cumsum(dim=-1)
+        target = (sub.uniforms * cdf[:, -1])[:, None]
+        drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        tokens[rows] = drawn.clamp(max=logits.shape[-1] - 1)
     if sb.num_logprobs <= 0:
         return tokens, None, None
     logp = logits.float().log_softmax(dim=-1)

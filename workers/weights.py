@@ -67,11 +67,13 @@ def _check_tid2eid(value: torch.Tensor, cfg: ModelConfig, file: str, name: str) 
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True, progress: bool = True
-) -> Transformer:
-    """Build the model a checkpoint's config.json describes and load its weights."""
+    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True, progress: bool = True,
+    expert_ids: list[int] | None = None,
+) -> Transformer:  # fmt: skip
+    """Build the model a checkpoint's config.json describes and load its weights
+    (with `expert_ids`, only those routed experts are read from disk)."""
     cfg = ModelConfig.from_json(Path(path) / "config.json")
-    model = Transformer(cfg, dtype=dtype, simulate_quant=simulate_quant)
+    model = Transformer(cfg, dtype=dtype, simulate_quant=simulate_quant, expert_ids=expert_ids)
     load_weights(model, path, progress=progress)
     return model.eval()
 

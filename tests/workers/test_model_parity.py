@@ -17,7 +17,7 @@ import torch
 
 from cluster.cmd_model import score
 from workers.model import Batch
-from workers.weights import load_model
+from workers.weights import load_model, model_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +113,46 @@ def test_mtp_scores_and_is_incremental(model, prompts):
         model.mtp_logits(streams[70:], ids[71:140], b2, [mst2]),
     ])
     assert ((part - full).norm() / full.norm()).item() < 1e-5
+
+
+def test_expert_subsets_partition_the_routed_sum(tiny_checkpoint, monkeypatch):
+    """Two models holding disjoint halves of the experts read only their own expert
+    tensors, and their routed outputs add up to the full model's."""
+    from safetensors import safe_open
+
+    read: list[str] = []
+    real = safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self._h = real(*a, **k)
+
+        def __enter__(self):
+            self._h.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._h.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self._h.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self._h, name)
+
+    monkeypatch.setattr("workers.checkpoint.safe_open", Spy)
+    full = load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=False, progress=False)
+    read.clear()
+    halves = [load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=False, progress=False,
+                         expert_ids=ids) for ids in ([0, 1, 2, 3], [4, 5, 6, 7])]  # fmt: skip
+    routed_reads = [n for n in read if ".ffn.experts." in n]
+    expected = {n for n in model_tensors(full) if ".ffn.experts." in n}
+    assert len(routed_reads) == len(set(routed_reads))  # no expert tensor read twice...
+    assert {n for n in routed_reads if n.endswith(".weight")} == expected  # ...and each read by its owner
+    x, ids = torch.randn(7, full.cfg.hidden_size), torch.randint(0, 129280, (7,))
+    for layer in (0, 2):
+        moes = [m.layers[layer].ffn for m in (full, *halves)]
+        shared = moes[0].shared_experts(x)
+        routed = [moe(x, ids) - shared for moe in moes]
+        torch.testing.assert_close(routed[1] + routed[2], routed[0], atol=1e-5, rtol=1e-5)
