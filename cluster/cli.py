@@ -6,12 +6,17 @@ import argparse
 import logging
 import sys
 
-from cluster import cmd_model
+from cluster import cmd_bench, cmd_model, cmd_serve
 from workers.checkpoint import CheckpointError
 from workers.config import ModelConfigError
 
 # Errors that come from the user's input: print the message, no traceback, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (cmd_model.UsageError, CheckpointError, ModelConfigError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    cmd_model.UsageError,
+    CheckpointError,
+    ModelConfigError,
+    *cmd_serve.USER_ERRORS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cmd_model.add_parsers(sub)
+    cmd_serve.add_parsers(sub)
+    cmd_bench.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""Manifest v0: what to serve and how, one YAML file loaded into frozen dataclasses.
+
+    version: 0
+    model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant
+    backend:   inprocess
+    scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
+               kv_cache_bytes or kv_cache_gib, page_size
+    gateway:   host, port, metrics_port
+
+Every key is optional (see the defaults below). Unknown keys and bad values are
+`ManifestError`s that carry the key path, e.g. ``scheduler.max_batch_tokens: must be
+>= 1, got 0``. Each field's parser lives in its `metadata`, so a new section is a new
+dataclass and a line in `Manifest`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.presets import PRESETS
+
+BACKENDS = ("inprocess",)
+DTYPES = ("bfloat16", "float32")
+MANIFEST_VERSIONS = (0,)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be served; `path` is the key path of the culprit."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+Parser = Callable[[Any, str], Any]
+
+
+def _int(minimum: int | None = None, maximum: int | None = None, optional: bool = False) -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> int | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ManifestError(path, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ManifestError(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ManifestError(path, f"must be <= {maximum}, got {value}")
+        return value
+
+    return {"parse": parse}
+
+
+def _positive_float(optional: bool = False) -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> float | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ManifestError(path, f"must be a number, got {value!r}")
+        if not value > 0:
+            raise ManifestError(path, f"must be > 0, got {value}")
+        return float(value)
+
+    return {"parse": parse}
+
+
+def _choice(choices: tuple[Any, ...], optional: bool = False) -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> Any:
+        if value is None and optional:
+            return None
+        if value not in choices:
+            raise ManifestError(path, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+
+    return {"parse": parse}
+
+
+def _str(optional: bool = False) -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ManifestError(path, f"must be a non-empty string, got {value!r}")
+        return value
+
+    return {"parse": parse}
+
+
+def _bool() -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise ManifestError(path, f"must be true or false, got {value!r}")
+        return value
+
+    return {"parse": parse}
+
+
+def _section(cls: type) -> dict[str, Parser]:
+    return {"parse": lambda value, path: parse_section(cls, value, path)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    checkpoint: str | None = field(default=None, metadata=_str(optional=True))  # a checkpoint directory
+    preset: str | None = field(default=None, metadata=_choice(tuple(PRESETS), optional=True))  # or a random model
+    seed: int | None = field(default=None, metadata=_int(0, optional=True))  # of the preset's weights (default 0)
+    dtype: str = field(default="bfloat16", metadata=_choice(DTYPES))  # compute dtype
+    simulate_quant: bool = field(default=True, metadata=_bool())  # the official FP8/FP4 KV rounding
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.preset is not None:
+            raise ManifestError("model", "give checkpoint or preset, not both")
+        if self.checkpoint is not None and self.seed is not None:
+            raise ManifestError("model.seed", "applies to a preset only, not to a checkpoint")
+
+    @property
+    def source(self) -> str:
+        """The checkpoint path, or the preset with its seed (tiny-seed0); tiny when neither is given."""
+        return self.checkpoint or f"{self.preset or 'tiny'}-seed{self.seed or 0}"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    max_batch_tokens: int = field(default=512, metadata=_int(1))  # tokens per step (prefill chunks + decodes)
+    max_running: int = field(default=64, metadata=_int(1))  # requests in the running batch
+    max_waiting: int = field(default=1024, metadata=_int(1))  # queued requests before RESOURCE_EXHAUSTED
+    max_model_len: int = field(default=1048576, metadata=_int(2))  # prompt + completion tokens (capped by the model)
+    kv_cache_bytes: int | None = field(default=None, metadata=_int(1, optional=True))  # KV cache size ...
+    kv_cache_gib: float | None = field(default=None, metadata=_positive_float(optional=True))  # ... or in GiB
+    page_size: int = field(default=64, metadata=_int(1))  # tokens per KV page
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_bytes is not None and self.kv_cache_gib is not None:
+            raise ManifestError("scheduler", "give kv_cache_bytes or kv_cache_gib, not both")
+
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache size in bytes (default 2 GiB)."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        return int((self.kv_cache_gib or 2.0) * 2**30)
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    host: str = field(default="127.0.0.1", metadata=_str())  # address to listen on
+    port: int = field(default=50051, metadata=_int(0, 65535))  # 0 = any free port
+    metrics_port: int | None = field(default=None, metadata=_int(0, 65535, optional=True))  # /metrics; 0/null = off
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int = field(default=0, metadata=_choice(MANIFEST_VERSIONS))
+    model: ModelSpec = field(default_factory=ModelSpec, metadata=_section(ModelSpec))
+    backend: str = field(default="inprocess", metadata=_choice(BACKENDS))
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec, metadata=_section(SchedulerSpec))
+    gateway: GatewaySpec = field(default_factory=GatewaySpec, metadata=_section(GatewaySpec))
+
+
+def parse_section(cls: type, raw: Any, path: str = "") -> Any:
+    """Build the dataclass `cls` from a mapping; every key is parsed by its field's metadata."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ManifestError(path, f"must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ManifestError(key_path, f"unknown key; known keys: {', '.join(fields)}")
+        kwargs[key] = fields[key].metadata["parse"](value, key_path)
+    return cls(**kwargs)
+
+
+def parse_manifest(raw: Any) -> Manifest:
+    """A manifest from parsed YAML (None = all defaults)."""
+    return parse_section(Manifest, raw)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file; errors name the file and the key path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError("", f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ManifestError("", f"{path}: not valid YAML ({e})") from None
+    try:
+        return parse_manifest(raw)
+    except ManifestError as e:
+        raise ManifestError(e.path, f"{e.args[0].removeprefix(e.path + ': ')} (in {path})") from None
