@@ -112,7 +112,7 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
     engine = build_engine(
         checkpoint,
         engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting, sched.max_model_len),
-        dtype=DTYPES[spec.dtype],
+        dtype=DTYPES.get(spec.dtype),  # None (auto): build_engine picks
         kv_cache_bytes=sched.kv_bytes,
         page_size=sched.page_size,
         simulate_quant=spec.simulate_quant,

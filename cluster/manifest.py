@@ -26,7 +26,7 @@ import yaml
 from workers.presets import PRESETS
 
 BACKENDS = ("inprocess",)
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float32")
 MANIFEST_VERSIONS = (0,)
 
 
@@ -109,7 +109,7 @@ class ModelSpec:
     checkpoint: str | None = field(default=None, metadata=_str(optional=True))  # a checkpoint directory
     preset: str | None = field(default=None, metadata=_choice(tuple(PRESETS), optional=True))  # or a random model
     seed: int | None = field(default=None, metadata=_int(0, optional=True))  # of the preset's weights (default 0)
-    dtype: str = field(default="bfloat16", metadata=_choice(DTYPES))  # compute dtype
+    dtype: str = field(default="auto", metadata=_choice(DTYPES))  # compute dtype; auto: bf16 if the CPU has it
     simulate_quant: bool = field(default=True, metadata=_bool())  # the official FP8/FP4 KV rounding
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ def test_defaults():
     m = parse_manifest(None)
     assert m == Manifest() == parse_manifest({})
     assert (m.version, m.backend, m.model.source, m.model.dtype, m.model.simulate_quant) == (
-        0, "inprocess", "tiny-seed0", "bfloat16", True
+        0, "inprocess", "tiny-seed0", "auto", True
     )  # fmt: skip
     s = m.scheduler
     assert (s.max_batch_tokens, s.max_running, s.max_waiting, s.page_size) == (512, 64, 1024, 64)
@@ -74,7 +74,7 @@ ERRORS = [
     ({"model": {"checkpoint": "/x", "seed": 1}}, "model.seed: applies to a preset only"),
     ({"model": {"checkpoint": ""}}, "model.checkpoint: must be a non-empty string, got ''"),
     ({"model": {"seed": -1}}, "model.seed: must be >= 0, got -1"),
-    ({"model": {"dtype": "float16"}}, "model.dtype: must be one of bfloat16, float32, got 'float16'"),
+    ({"model": {"dtype": "float16"}}, "model.dtype: must be one of auto, bfloat16, float32, got 'float16'"),
     ({"model": {"simulate_quant": "yes"}}, "model.simulate_quant: must be true or false, got 'yes'"),
     ({"model": {"weights": "/x"}}, "model.weights: unknown key"),
     ({"backend": "ray"}, "backend: must be one of inprocess, got 'ray'"),
