@@ -28,6 +28,11 @@ class SeqSlice:
     pos0: int  # absolute position of the first token
 
 
+def _block_rows(gathered_per_row: int) -> int:
+    """Query rows per attention block: 128, fewer when each row gathers many entries (~16 MiB a block)."""
+    return max(1, min(128, (1 << 22) // max(1, gathered_per_row)))
+
+
 class Compressor(nn.Module):
     """Gated pooling of `ratio` consecutive tokens into one entry (SPEC §4.3).
 
@@ -166,21 +171,26 @@ class Indexer(nn.Module):
         return q, w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One chunk: q [S, nI, cI], w [S, nI], keys [N, cI] -> mask [S, N] of chosen entries.
+        """One chunk: q [S, nI, cI], w [S, nI], keys [N, cI] -> picked entries [S, k] (-1 = none).
 
         score[t, j] = sum_h w[t, h] * relu(q[t, h] . keys[j]); invisible entries (j >=
-        (t+1)//4) never count; ties go to the earlier entry (stable sort) so that any
-        chunking picks the same set.
+        (t+1)//4) are never picked; ties go to the earlier entry (stable sort) so that any
+        chunking picks the same set. Queries run in blocks so the [rows, nI, N] scores stay
+        bounded (about 64 MiB).
         """
         n = keys.shape[0]
-        visible = torch.arange(n)[None, :] < ((positions + 1) // 4)[:, None]
-        scores = torch.einsum("shc,nc->shn", q.float(), keys.float()).relu_()
-        scores = torch.einsum("shn,sh->sn", scores, w)
-        scores = scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, n)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-        chosen = torch.zeros_like(visible).scatter_(1, order, True)
-        return chosen & visible
+        keys = keys.float()
+        rows = max(1, min(q.shape[0], (1 << 24) // max(1, self.n_heads * n)))
+        picked = []
+        for b0 in range(0, q.shape[0], rows):
+            qb, wb, pb = q[b0 : b0 + rows].float(), w[b0 : b0 + rows], positions[b0 : b0 + rows]
+            visible = torch.arange(n)[None, :] < ((pb + 1) // 4)[:, None]
+            scores = torch.einsum("shn,sh->sn", torch.einsum("shc,nc->shn", qb, keys).relu_(), wb)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+            picked.append(torch.where(visible.gather(1, order), order, -1))
+        return torch.cat(picked)
 
     def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
         """Decode: q [B, nI, cI], w [B, nI], each row's keys [N_b, cI] -> mask [B, max N_b].
@@ -263,7 +273,7 @@ class Attention(nn.Module):
     def _compressed_mask(
         self, sq: SeqSlice, st: LayerState, positions: torch.Tensor, idx_q, idx_comp, inv_freq, simulate_quant
     ) -> torch.Tensor:
-        """[S, N] mask of the compressed entries each query attends to."""
+        """HCA: [S, N] mask of the visible entries; CSA: [S, k] entries picked by the indexer (-1 = none)."""
         n = len(st.compressor.entries)
         if self.indexer is None:  # HCA: every complete block so far
             return torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
@@ -278,18 +288,42 @@ class Attention(nn.Module):
         self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, st: LayerState,
         entries: torch.Tensor | None, chosen: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """One chunk: q [S, H, D], kv [S, D] -> [S, H, D]; one softmax per head with the sink."""
-        keys = torch.cat((st.window, kv))
-        key_pos = torch.arange(positions[0] - st.window.shape[0], positions[-1] + 1)
-        delta = positions[:, None] - key_pos[None, :]
-        mask = (delta >= 0) & (delta < self.window)
-        st.window = keys[-(self.window - 1) :] if self.window > 1 else keys[:0]
-        if entries is not None and entries.shape[0] > 0:
-            keys = torch.cat((keys, entries))
-            mask = torch.cat((mask, chosen), dim=1)
+        """One chunk: q [S, H, D], kv [S, D] -> [S, H, D]; one softmax per head with the sink.
+
+        Queries run in blocks, each against only the window rows it can see (so the cost
+        is linear in S) plus its compressed entries: all visible ones on HCA layers
+        (`chosen` is a mask [S, N]), the indexer's picks gathered per query on CSA layers
+        (`chosen` is [S, k] entry ids, -1 = none).
+        """
+        lw, width = st.window.shape[0], self.window
+        keys = torch.cat((st.window, kv))  # row j holds position pos0 - lw + j
+        st.window = keys[-(width - 1) :] if width > 1 else keys[:0]
         keys = keys.float()
-        logits = torch.einsum("shd,ld->shl", q.float(), keys) * self.head_dim**-0.5
-        out = torch.einsum("shl,ld->shd", self._softmax_with_sink(logits, mask), keys)
+        has_entries = entries is not None and entries.shape[0] > 0
+        entries = entries.float() if has_entries else None
+        gathered = has_entries and self.indexer is not None
+        rows = _block_rows(chosen.shape[1] * self.head_dim if gathered else 0)
+        pos0, qf = int(positions[0]), q.float() * self.head_dim**-0.5
+        out = torch.empty(q.shape, dtype=torch.float32)
+        for b0 in range(0, q.shape[0], rows):
+            b1 = min(b0 + rows, q.shape[0])
+            k0 = max(0, lw + b0 - (width - 1))
+            kw = keys[k0 : lw + b1]
+            delta = positions[b0:b1, None] - (pos0 - lw + torch.arange(k0, lw + b1))[None, :]
+            mask = (delta >= 0) & (delta < width)
+            if has_entries and not gathered:  # HCA: dense over the (few) 128x entries
+                kw, mask = torch.cat((kw, entries)), torch.cat((mask, chosen[b0:b1]), dim=1)
+            logits = torch.einsum("shd,ld->shl", qf[b0:b1], kw)
+            if not gathered:
+                out[b0:b1] = torch.einsum("shl,ld->shd", self._softmax_with_sink(logits, mask), kw)
+                continue
+            picked = chosen[b0:b1]
+            picked_keys = entries[picked.clamp(min=0)]  # [Sb, k, D]
+            logits = torch.cat((logits, torch.einsum("shd,skd->shk", qf[b0:b1], picked_keys)), dim=-1)
+            probs = self._softmax_with_sink(logits, torch.cat((mask, picked >= 0), dim=1))
+            out[b0:b1] = torch.einsum("shl,ld->shd", probs[..., : kw.shape[0]], kw) + torch.einsum(
+                "shk,skd->shd", probs[..., kw.shape[0] :], picked_keys
+            )
         return out.to(q.dtype)
 
     def _decode(
