@@ -7,8 +7,8 @@ import logging
 import sys
 
 from cluster import cmd_bench, cmd_model, cmd_serve
-from workers.checkpoint import CheckpointError
 from workers.config import ModelConfigError
+from workers.errors import CheckpointError
 
 # Errors that come from the user's input: print the message, no traceback, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (

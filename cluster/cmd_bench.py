@@ -9,18 +9,16 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
-
-from cluster.engine import EngineConfig
-from cluster.inprocess import build_engine
+from cluster.cmd_model import torch_dtype
 from cluster.messages import GenerateRequest, RequestOutput, SamplingParams
-from cluster.model_cache import ensure_preset_checkpoint
-from workers.layers import default_cpu_dtype
 from workers.presets import PRESETS
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    pass
+
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrencies (default: 1,8,32)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: 64)")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default: 32)")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype (default: auto = bfloat16 where the CPU has native bf16, else float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
@@ -89,6 +87,8 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 def run_hf(hf, prompts: list[list[int]], max_tokens: int) -> float:
     """HF generate on the same prompts as one static batch (equal lengths: no padding); output tok/s."""
+    import torch
+
     ids = torch.tensor(prompts)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -107,6 +107,14 @@ def run_hf_sequential(hf, prompts: list[list[int]], max_tokens: int) -> float:
 
 
 def bench_serve_main(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from cluster.engine import EngineConfig
+    from cluster.inprocess import build_engine
+    from cluster.model_cache import ensure_preset_checkpoint
+    from workers.layers import default_cpu_dtype
+
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = [p for p in args.presets.split(",") if p]
@@ -117,7 +125,7 @@ def bench_serve_main(args: argparse.Namespace) -> None:
     rows = []
     for preset in presets:
         ckpt = ensure_preset_checkpoint(preset)
-        dtype = DTYPES[args.dtype] or default_cpu_dtype()
+        dtype = torch_dtype(args.dtype) or default_cpu_dtype()
         engine = build_engine(ckpt, dtype=dtype, progress=False,
                               engine_config=EngineConfig(max_running=max(concurrencies)))  # fmt: skip
         hf = None
@@ -143,6 +151,8 @@ def bench_serve_main(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    import torch
+
     print(f"\ndsv4 bench serve: torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"prompt {args.prompt_len} tokens, {args.max_tokens} output tokens, greedy")  # fmt: skip
     print("HF batch: generate on the same prompts as one static batch; HF seq: one request at a time")

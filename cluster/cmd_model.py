@@ -7,18 +7,25 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+from workers.presets import PRESETS
 
-from workers.checkpoint import save_checkpoint
-from workers.model import Batch, Transformer
-from workers.presets import PRESETS, preset_config
-from workers.weights import load_model, random_weights
+if TYPE_CHECKING:  # heavy imports stay inside the commands, so `dsv4 chat` starts fast
+    import torch
+
+    from workers.model import Transformer
 
 log = logging.getLogger("dsv4")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """'float32' / 'bfloat16' -> the torch dtype; None or 'auto' -> None (let the caller pick)."""
+    import torch
+
+    return None if name in (None, "auto") else {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 class UsageError(ValueError):
@@ -49,13 +56,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="full", choices=["full", "incremental", "chunked"],
                    help="one pass, one token per step, or --chunk tokens per step (default: full)")
     p.add_argument("--chunk", type=int, default=64, help="chunk size for --mode chunked (default: 64)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default: float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default: float32)")
     p.add_argument("--no-simulate-quant", action="store_true",
                    help="turn off the FP8/FP4 KV and indexer rounding of the official code")
     p.set_defaults(func=logits_main)
 
 
 def init_model_main(args: argparse.Namespace) -> None:
+    from workers.checkpoint import save_checkpoint
+    from workers.presets import preset_config
+    from workers.weights import random_weights
+
     cfg = preset_config(args.preset)
     out = Path(args.out)
     log.info("init-model: preset %s, seed %d, quant %s -> %s", args.preset, args.seed, args.quant, out)
@@ -68,6 +79,8 @@ def init_model_main(args: argparse.Namespace) -> None:
 
 def read_input_ids(path: str, vocab_size: int) -> list[torch.Tensor]:
     """Parse and validate IDS.json; errors name the sequence and the position."""
+    import torch
+
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError as e:
@@ -93,6 +106,10 @@ def read_input_ids(path: str, vocab_size: int) -> list[torch.Tensor]:
 def score(model: Transformer, seqs: list[torch.Tensor], step: int | None) -> list[torch.Tensor]:
     """Logits [S_i, vocab] per sequence, feeding at most `step` tokens per sequence per call
     (None: everything in one call). All sequences run together in one flat batch."""
+    import torch
+
+    from workers.model import Batch
+
     states = [model.new_state() for _ in seqs]
     parts: list[list[torch.Tensor]] = [[] for _ in seqs]
     done = [0] * len(seqs)
@@ -108,9 +125,13 @@ def score(model: Transformer, seqs: list[torch.Tensor], step: int | None) -> lis
 
 
 def logits_main(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from workers.weights import load_model
+
     if args.mode == "chunked" and args.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
-    model = load_model(args.checkpoint, dtype=DTYPES[args.dtype], simulate_quant=not args.no_simulate_quant)
+    model = load_model(args.checkpoint, dtype=torch_dtype(args.dtype), simulate_quant=not args.no_simulate_quant)
     seqs = read_input_ids(args.input, model.cfg.vocab_size)
     step = {"full": None, "incremental": 1, "chunked": args.chunk}[args.mode]
     t0 = time.perf_counter()

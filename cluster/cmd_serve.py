@@ -95,7 +95,7 @@ def resolve_manifest(args: argparse.Namespace) -> Manifest:
 
 def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
     """Load the manifest's model into a started in-process engine."""
-    from cluster.cmd_model import DTYPES
+    from cluster.cmd_model import torch_dtype
     from cluster.engine import EngineConfig
     from cluster.gateway import ServingInfo
     from cluster.inprocess import build_engine
@@ -112,7 +112,7 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
     engine = build_engine(
         checkpoint,
         engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting, sched.max_model_len),
-        dtype=DTYPES.get(spec.dtype),  # None (auto): build_engine picks
+        dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
         kv_cache_bytes=sched.kv_bytes,
         page_size=sched.page_size,
         simulate_quant=spec.simulate_quant,

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from workers.errors import CheckpointError  # noqa: F401  (re-exported: workers.checkpoint.CheckpointError)
 from workers.quant import (
     FP4_WEIGHT_BLOCK,
     dequant_fp4_weight,
@@ -52,9 +53,6 @@ _E8M0_DTYPES = {"F8_E8M0", "U8"}
 
 Expected = Mapping[str, tuple[tuple[int, ...], torch.dtype | None]]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the caller expects; the message names tensor and file."""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
