@@ -119,7 +119,7 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
         progress=sys.stderr.isatty(),
     )
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
-    info = ServingInfo(engine.worker.model.cfg, str(checkpoint), spec.dtype, manifest.backend, engine.kv.page_size)
+    info = ServingInfo(engine.model_config, str(checkpoint), spec.dtype, manifest.backend, engine.page_size)
     return engine, info
 
 

@@ -131,6 +131,16 @@ class Engine:
                 self._cv.notify_all()
             return known
 
+    @property
+    def model_config(self):
+        """The served model's ModelConfig."""
+        return self.worker.model.cfg
+
+    @property
+    def page_size(self) -> int:
+        """Raw tokens per KV page."""
+        return self.kv.page_size
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no request is live and the worker holds no state (tests, drain)."""
         deadline = time.monotonic() + timeout
