@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cluster.engine import Engine, EngineConfig
+from cluster.worker_group import LocalWorkerGroup
 from encoding.tokenizer import load_tokenizer
 from workers.kv_cache import KVCacheManager, KVLayout
 from workers.layers import default_cpu_dtype
@@ -27,12 +28,18 @@ def build_engine(
     page_size: int = 64,
     simulate_quant: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> Engine:
-    """Load a checkpoint and return a started engine serving it."""
+    """Load a checkpoint and return a started engine serving it; `workers` > 1 splits the
+    experts over that many expert-parallel workers in this process."""
     engine_config = engine_config or EngineConfig()
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
-    model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
+    if workers > 1:
+        worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
+    else:
+        worker = ModelWorker(load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress))
+    model = worker.model
     tokenizer = load_tokenizer(str(checkpoint))
     layout = KVLayout.for_model(model.cfg, elem_bytes=torch.empty(0, dtype=dtype).element_size())
     kv = KVCacheManager.from_bytes(layout, kv_cache_bytes, page_size)
@@ -43,4 +50,4 @@ def build_engine(
         str(dtype).removeprefix("torch."), time.perf_counter() - t0, model.cfg.num_hidden_layers,
         model.cfg.n_routed_experts, layout.bytes_per_token, layout.bytes_per_seq / 2**20, kv.num_pages, page_size,
     )  # fmt: skip
-    return Engine(ModelWorker(model), tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
+    return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()

@@ -373,7 +373,7 @@ class Attention(nn.Module):
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection: [T, H, D] -> [T, d]."""
         g = self.cfg.o_groups
-        o = o.reshape(o.shape[0], g, -1)
+        o = o.reshape(o.shape[0], g, self.n_heads * self.head_dim // g)
         wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)
         z = torch.einsum("tgi,gri->tgr", o.to(wo_a.dtype), wo_a)
         return self.wo_b(z.flatten(1))

@@ -40,6 +40,8 @@ class Batch:
             seqs.append(SeqSlice(start, start + n, st.num_tokens))
             positions.append(torch.arange(st.num_tokens, st.num_tokens + n))
             start += n
+        if not chunks:  # an empty step: an expert-parallel worker with no tokens still runs every layer
+            return cls(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [])
         return cls(torch.cat(chunks).long(), torch.cat(positions), seqs)
 
 

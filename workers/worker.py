@@ -15,8 +15,12 @@ from workers.state import SeqState
 
 
 class ModelWorker:
-    def __init__(self, model: Transformer) -> None:
+    """`lockstep`: run the layers even for an empty plan, because peers wait for this
+    worker in the MoE collectives (expert parallelism)."""
+
+    def __init__(self, model: Transformer, lockstep: bool = False) -> None:
         self.model = model
+        self.lockstep = lockstep
         self.states: dict[str, SeqState] = {}  # uid -> model state
         self.params: dict[str, SamplingParams] = {}  # uid -> sampling params
         self.seeds: dict[str, int] = {}  # uid -> RNG seed
@@ -29,6 +33,8 @@ class ModelWorker:
             self.params[uid] = params
             self.seeds[uid] = params.seed if params.seed is not None else _fresh_seed()
         if not plan.work:
+            if self.lockstep:
+                self.model(Batch.build([], []), [])
             return StepResult(tokens={})
         states = []
         for w in plan.work:

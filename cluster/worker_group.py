@@ -1,0 +1,102 @@
+"""The in-process expert-parallel backend: W model workers in this process, each holding
+E/W routed experts and its own requests (data-parallel attention), stepping in lockstep
+on threads and exchanging tokens through the `local` communicator.
+
+To the engine it looks like one worker: `execute(plan)` splits the plan by the rank that
+owns each request, runs every rank (ranks with no tokens still join each collective) and
+merges the results.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from cluster.messages import StepPlan, StepResult
+from router.comm import CollectiveTimeoutError, LocalGroup
+from router.placement import ExpertPlacement
+from workers.config import ModelConfig
+from workers.ep import apply_expert_parallel
+from workers.weights import load_model
+from workers.worker import ModelWorker
+
+
+class LocalWorkerGroup:
+    def __init__(
+        self, checkpoint: str | Path, world_size: int, *, dtype: torch.dtype, simulate_quant: bool = True,
+        progress: bool = False, step_timeout: float = 600.0,
+    ) -> None:  # fmt: skip
+        self.group = LocalGroup(world_size, timeout=step_timeout)
+        self.workers: list[ModelWorker] = []
+        cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
+        placement = ExpertPlacement(cfg.n_routed_experts, world_size)
+        for rank in range(world_size):
+            model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
+                               expert_ids=placement.local_experts(rank))  # fmt: skip
+            apply_expert_parallel(model, placement, self.group.communicator(rank))
+            self.workers.append(ModelWorker(model, lockstep=True))
+        self.placement = placement
+        self.owner: dict[str, int] = {}  # uid -> rank holding its state
+
+    @property
+    def model(self):
+        return self.workers[0].model
+
+    def num_states(self) -> int:
+        return sum(w.num_states() for w in self.workers)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for w in plan.work:  # a new request goes to the rank with the fewest requests
+            if w.uid not in self.owner:
+                loads = [sum(1 for r in self.owner.values() if r == rank) for rank in range(len(self.workers))]
+                self.owner[w.uid] = loads.index(min(loads))
+        plans = self._split(plan)
+        for uid in plan.finished:
+            self.owner.pop(uid, None)
+        results: list[StepResult | None] = [None] * len(self.workers)
+        errors: list[BaseException | None] = [None] * len(self.workers)
+
+        def run(rank: int) -> None:
+            try:
+                results[rank] = self.workers[rank].execute(plans[rank])
+            except BaseException as e:  # noqa: BLE001 - reported below, peers released
+                errors[rank] = e
+                self.group.abort()
+
+        threads = [threading.Thread(target=run, args=(r,), name=f"ep-rank-{r}") for r in range(len(self.workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [e for e in errors if e is not None]
+        if failed:  # report the cause, not the peers that timed out waiting for it
+            self.group = _fresh_group(self)
+            raise next((e for e in failed if not isinstance(e, CollectiveTimeoutError)), failed[0])
+        tokens, logprobs = {}, {}
+        for r in results:
+            tokens.update(r.tokens)
+            logprobs.update(r.logprobs)
+        return StepResult(tokens=tokens, logprobs=logprobs)
+
+    def _split(self, plan: StepPlan) -> list[StepPlan]:
+        per_rank = []
+        for rank in range(len(self.workers)):
+            mine = {uid for uid, r in self.owner.items() if r == rank}
+            per_rank.append(StepPlan(
+                work=tuple(w for w in plan.work if w.uid in mine),
+                finished=tuple(u for u in plan.finished if u in mine),
+                sampling={u: p for u, p in plan.sampling.items() if u in mine},
+                num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
+            ))  # fmt: skip
+        return per_rank
+
+
+def _fresh_group(group: LocalWorkerGroup) -> LocalGroup:
+    """After a failed step the old group is aborted: give every worker a new communicator."""
+    fresh = LocalGroup(len(group.workers), timeout=group.group.timeout)
+    for rank, worker in enumerate(group.workers):
+        for blk in [*worker.model.layers, *worker.model.mtp]:
+            blk.ffn.comm = fresh.communicator(rank)
+    return fresh

@@ -1,0 +1,93 @@
+"""Expert parallelism in one process: W workers with E/W experts each compute the model.
+
+The proof that the cluster computes the model: the same prompts give identical greedy
+tokens and seeded samples with W = 1, 2 and 4 (the `local` communicator), and the
+logits of a W = 4 step agree with W = 1 within float32 noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.inprocess import build_engine
+from cluster.messages import GenerateRequest, SamplingParams, SeqWork, StepPlan
+from cluster.worker_group import LocalWorkerGroup
+from tests.cluster.test_engine import prompts, run
+from workers.model import Batch
+from workers.weights import load_model
+
+
+def requests() -> list[GenerateRequest]:
+    ps = prompts(5, length=30, seed=11)
+    out = [GenerateRequest(f"g{i}", p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+           for i, p in enumerate(ps[:3])]  # fmt: skip
+    out += [GenerateRequest(f"s{i}", p, SamplingParams(max_tokens=10, seed=7 + i, ignore_eos=True))
+            for i, p in enumerate(ps[3:])]  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
+    col = run(engine, requests())
+    engine.stop()
+    return {r.uid: col.tokens(r.uid) for r in requests()}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_engine_gives_the_same_tokens(tiny_checkpoint, reference, world_size):
+    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False, workers=world_size)
+    group = engine.worker
+    assert isinstance(group, LocalWorkerGroup)
+    held = [w.model.layers[1].ffn.moe.experts.expert_ids for w in group.workers]
+    assert sorted(e for ids in held for e in ids) == list(range(8)) and all(len(ids) == 8 // world_size for ids in held)
+    col = run(engine, requests())
+    for r in requests():
+        assert col.tokens(r.uid) == reference[r.uid], r.uid
+    assert engine.wait_idle() and engine.kv.used_pages == 0 and group.num_states() == 0
+    engine.stop()
+
+
+def test_expert_parallel_logits_match(tiny_checkpoint):
+    ids = torch.tensor(prompts(1, length=150, seed=5)[0])
+    single = load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=False, progress=False)
+    st = single.new_state()
+    ref = single.logits(single(Batch.build([ids], [st]), [st]))
+    group = LocalWorkerGroup(tiny_checkpoint, 4, dtype=torch.float32, simulate_quant=False)
+    # the whole prompt on rank 0 (owner chosen by load); ranks 1-3 run empty steps in lockstep
+    group.execute(StepPlan(work=(SeqWork("x", tuple(ids.tolist()), 0, sample=False),)))
+    rank0 = group.workers[group.owner["x"]]
+    assert rank0.states["x"].num_tokens == 150
+    # recompute on rank 0 alone is impossible (peers must join), so compare the sampled logits
+    # through a fresh request whose last position is scored
+    probe = StepPlan(work=(SeqWork("y", tuple(ids.tolist()), 0, sample=True),),
+                     sampling={"y": SamplingParams(temperature=0.0, logprobs=5)}, num_generated={"y": 0})  # fmt: skip
+    out = group.execute(probe)
+    assert out.tokens["y"] == int(ref[-1].argmax())
+    top = out.logprobs["y"].top
+    ref_logp = ref[-1].log_softmax(-1)
+    for token, logp in top:
+        assert logp == pytest.approx(ref_logp[token].item(), abs=1e-4)
+
+
+def test_a_failing_rank_fails_its_step_and_the_group_recovers(tiny_checkpoint):
+    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False, workers=2)
+    group = engine.worker
+    real = group.workers[1].execute
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 2:  # mid-request, while rank 0 waits in a collective
+            raise RuntimeError("rank 1 lost")
+        return real(plan)
+
+    group.workers[1].execute = flaky
+    col = run(engine, requests()[:2])
+    reasons = {col.final(u).finish_reason for u in ("g0", "g1")}
+    assert reasons == {"error"} and "rank 1 lost" in col.final("g0").error
+    assert engine.wait_idle(timeout=60) and engine.kv.used_pages == 0
+    after = run(engine, requests()[:1])
+    assert after.final("g0").finish_reason == "length"
+    engine.stop()
