@@ -216,6 +216,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             result = self.worker.execute(plan)
+        except EngineUnavailableError as e:  # the workers lost every request's state
+            log.error("workers lost: %s", e)
+            for req in [*self.scheduler.running]:
+                self._finish(req.uid, "error", error=f"unavailable: {e}")
+            return
         except Exception as e:  # a bad step fails its requests, never the engine
             log.exception("step failed")
             for w in plan.work:

@@ -48,11 +48,8 @@ class LocalWorkerGroup:
         return sum(w.num_states() for w in self.workers)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        for w in plan.work:  # a new request goes to the rank with the fewest requests
-            if w.uid not in self.owner:
-                loads = [sum(1 for r in self.owner.values() if r == rank) for rank in range(len(self.workers))]
-                self.owner[w.uid] = loads.index(min(loads))
-        plans = self._split(plan)
+        assign_owners(self.owner, plan, len(self.workers))
+        plans = split_plan(self.owner, plan, len(self.workers))
         for uid in plan.finished:
             self.owner.pop(uid, None)
         results: list[StepResult | None] = [None] * len(self.workers)
@@ -74,23 +71,41 @@ class LocalWorkerGroup:
         if failed:  # report the cause, not the peers that timed out waiting for it
             self.group = _fresh_group(self)
             raise next((e for e in failed if not isinstance(e, CollectiveTimeoutError)), failed[0])
-        tokens, logprobs = {}, {}
-        for r in results:
-            tokens.update(r.tokens)
-            logprobs.update(r.logprobs)
-        return StepResult(tokens=tokens, logprobs=logprobs)
+        return merge_results(results)
 
-    def _split(self, plan: StepPlan) -> list[StepPlan]:
-        per_rank = []
-        for rank in range(len(self.workers)):
-            mine = {uid for uid, r in self.owner.items() if r == rank}
-            per_rank.append(StepPlan(
-                work=tuple(w for w in plan.work if w.uid in mine),
-                finished=tuple(u for u in plan.finished if u in mine),
-                sampling={u: p for u, p in plan.sampling.items() if u in mine},
-                num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
-            ))  # fmt: skip
-        return per_rank
+
+def assign_owners(owner: dict[str, int], plan: StepPlan, world_size: int) -> None:
+    """A request seen for the first time goes to the rank holding the fewest requests."""
+    loads = [0] * world_size
+    for rank in owner.values():
+        loads[rank] += 1
+    for w in plan.work:
+        if w.uid not in owner:
+            rank = loads.index(min(loads))
+            owner[w.uid] = rank
+            loads[rank] += 1
+
+
+def split_plan(owner: dict[str, int], plan: StepPlan, world_size: int) -> list[StepPlan]:
+    """One plan per rank with that rank's requests (possibly empty: the rank still steps)."""
+    per_rank = []
+    for rank in range(world_size):
+        mine = {uid for uid, r in owner.items() if r == rank}
+        per_rank.append(StepPlan(
+            work=tuple(w for w in plan.work if w.uid in mine),
+            finished=tuple(u for u in plan.finished if u in mine),
+            sampling={u: p for u, p in plan.sampling.items() if u in mine},
+            num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
+        ))  # fmt: skip
+    return per_rank
+
+
+def merge_results(results: list[StepResult]) -> StepResult:
+    tokens, logprobs = {}, {}
+    for r in results:
+        tokens.update(r.tokens)
+        logprobs.update(r.logprobs)
+    return StepResult(tokens=tokens, logprobs=logprobs)
 
 
 def _fresh_group(group: LocalWorkerGroup) -> LocalGroup:

@@ -1,0 +1,168 @@
+"""The Ray backend: one engine instance = W Ray actors in one placement group, each a
+model worker holding E/W experts and its own requests, exchanging tokens at every MoE
+layer over torch.distributed (gloo on CPU, nccl on GPU) inside the actors.
+
+`ray.remote` is applied here and only here (STYLE 8). The driver talks to each actor once
+per step (`execute`), never per layer. The process group meets through a TCPStore that
+the driver hosts. A dead actor fails the step with `WorkerLostError`; the group then
+rebuilds itself (new actors, weights reloaded) before the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from cluster.messages import EngineUnavailableError, StepPlan, StepResult
+from workers.config import ModelConfig
+
+log = logging.getLogger("dsv4.ray")
+
+
+class WorkerLostError(EngineUnavailableError):
+    """A worker actor died or stopped answering; its instance is being rebuilt."""
+
+
+class RankWorker:
+    """One rank of an instance (a plain class; `RayWorkerGroup` wraps it with ray.remote)."""
+
+    def __init__(self, checkpoint: str, rank: int, world_size: int, store_addr: tuple[str, int],
+                 dtype: str, simulate_quant: bool, backend: str = "gloo") -> None:  # fmt: skip
+        import torch
+        import torch.distributed as dist
+
+        from router.comm import DistCommunicator
+        from router.placement import ExpertPlacement
+        from workers.ep import apply_expert_parallel
+        from workers.weights import load_model
+        from workers.worker import ModelWorker
+
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(1)
+        store = dist.TCPStore(store_addr[0], store_addr[1], is_master=False, timeout=timedelta(seconds=60))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=60))  # fmt: skip
+        cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
+        placement = ExpertPlacement(cfg.n_routed_experts, world_size)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        model = load_model(checkpoint, dtype=torch_dtype, simulate_quant=simulate_quant, progress=False,
+                           expert_ids=placement.local_experts(rank))  # fmt: skip
+        apply_expert_parallel(model, placement, DistCommunicator(backend))
+        self.worker = ModelWorker(model, lockstep=True)
+        self.rank = rank
+
+    def ready(self) -> int:
+        return self.rank
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.worker.execute(plan)
+
+    def num_states(self) -> int:
+        return self.worker.num_states()
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+class _ModelView:
+    """What the engine reads of `worker.model` (its config) without a model in the driver."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+
+
+class RayWorkerGroup:
+    """W RankWorker actors stepping together; looks like one worker to the engine."""
+
+    def __init__(
+        self, checkpoint: str | Path, world_size: int, *, dtype: str = "float32", simulate_quant: bool = True,
+        num_cpus: float = 1.0, resources: list[dict[str, float]] | None = None, strategy: str = "SPREAD",
+        step_timeout: float = 60.0, start_timeout: float = 180.0,
+    ) -> None:  # fmt: skip
+        self.checkpoint, self.world_size = str(checkpoint), world_size
+        self.dtype, self.simulate_quant = dtype, simulate_quant
+        self.num_cpus, self.resources, self.strategy = num_cpus, resources, strategy
+        self.step_timeout, self.start_timeout = step_timeout, start_timeout
+        self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
+        self.owner: dict[str, int] = {}
+        self._start()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _start(self) -> None:
+        import ray
+        import torch.distributed as dist
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        t0 = time.perf_counter()
+        bundles = [{"CPU": self.num_cpus, **((self.resources or [{}] * self.world_size)[r])}
+                   for r in range(self.world_size)]  # fmt: skip
+        self.pg = placement_group(bundles, strategy=self.strategy)
+        ray.get(self.pg.ready(), timeout=self.start_timeout)
+        port = _free_port()
+        self.store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=60))  # fmt: skip
+        actor_cls = ray.remote(RankWorker)  # the one place ray.remote is applied
+        self.actors = [
+            actor_cls.options(
+                num_cpus=self.num_cpus, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(self.checkpoint, r, self.world_size, ("127.0.0.1", port), self.dtype, self.simulate_quant)
+            for r in range(self.world_size)
+        ]  # fmt: skip
+        ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
+        self.owner.clear()
+        log.info("ray instance up: %d workers in %.1fs", self.world_size, time.perf_counter() - t0)
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)
+
+    def rebuild(self) -> None:
+        log.warning("rebuilding the ray instance (%d workers)", self.world_size)
+        self.stop()
+        self._start()
+
+    def nodes(self) -> list[str]:
+        import ray
+
+        return ray.get([a.node.remote() for a in self.actors], timeout=self.step_timeout)
+
+    # -- the worker interface -------------------------------------------------------------
+    def num_states(self) -> int:
+        import ray
+
+        return sum(ray.get([a.num_states.remote() for a in self.actors], timeout=self.step_timeout))
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        import ray
+
+        from cluster.worker_group import assign_owners, merge_results, split_plan
+
+        assign_owners(self.owner, plan, self.world_size)
+        plans = split_plan(self.owner, plan, self.world_size)
+        for uid in plan.finished:
+            self.owner.pop(uid, None)
+        refs = [a.execute.remote(p) for a, p in zip(self.actors, plans, strict=True)]
+        try:
+            results = ray.get(refs, timeout=self.step_timeout)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self.rebuild()  # every request's state was on the lost instance
+            raise WorkerLostError(f"a worker of the instance was lost ({type(e).__name__}); rebuilt") from e
+        return merge_results(results)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,110 @@
+"""The Ray backend on a real two-node Ray cluster started on loopback addresses.
+
+Equivalence: W = 2 workers (one per node, gloo all-to-all inside the actors) give the
+same tokens as the in-process W = 1 engine. Failure: killing a worker actor while a
+request streams ends it within 10 s, the instance is rebuilt, later requests succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.engine import Engine, EngineConfig
+from cluster.inprocess import build_engine
+from cluster.messages import GenerateRequest, SamplingParams
+from encoding.tokenizer import load_tokenizer
+from tests.cluster.test_engine import Collector, prompts, run
+from workers.kv_cache import KVCacheManager, KVLayout
+
+ray = pytest.importorskip("ray")
+
+
+def _ray_cli() -> str:
+    exe = shutil.which("ray", path=str(Path(os.sys.executable).parent)) or shutil.which("ray")
+    assert exe, "the ray CLI is not installed"
+    return exe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, temp = _free_port(), tmp_path_factory.mktemp("ray")
+    common = ["--num-cpus=3", "--object-store-memory=150000000", "--disable-usage-stats"]
+    ray_cli = _ray_cli()
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}",
+                    f"--temp-dir={temp}", "--include-dashboard=false", '--resources={"node_a": 2}', *common],
+                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+    try:
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3",
+                        '--resources={"node_b": 2}', *common],
+                       env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=f"127.0.0.2:{port}")
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def ray_engine(checkpoint, world_size: int) -> Engine:
+    from cluster.ray_backend import RayWorkerGroup
+
+    group = RayWorkerGroup(checkpoint, world_size, dtype="float32", num_cpus=1,
+                           resources=[{"node_a": 1}, {"node_b": 1}][:world_size], step_timeout=10)  # fmt: skip
+    kv = KVCacheManager(KVLayout.for_model(group.model.cfg, 4), num_pages=4096)
+    return Engine(group, load_tokenizer(), kv, EngineConfig()).start()
+
+
+def requests() -> list[GenerateRequest]:
+    ps = prompts(3, length=24, seed=21)
+    return [GenerateRequest(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0.0 if i else 0.8, seed=3,
+                                                      ignore_eos=True)) for i, p in enumerate(ps)]  # fmt: skip
+
+
+def test_two_workers_on_two_nodes_match_one_process(ray_cluster, tiny_checkpoint):
+    local = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
+    ref = run(local, requests())
+    local.stop()
+    engine = ray_engine(tiny_checkpoint, 2)
+    assert len(set(engine.worker.nodes())) == 2  # spread over both Ray nodes
+    col = run(engine, requests())
+    for r in requests():
+        assert col.tokens(r.uid) == ref.tokens(r.uid), r.uid
+    assert engine.wait_idle() and engine.kv.used_pages == 0
+    engine.worker.stop()
+    engine.stop()
+
+
+def test_killed_worker_fails_requests_fast_and_instance_is_rebuilt(ray_cluster, tiny_checkpoint):
+    engine = ray_engine(tiny_checkpoint, 2)
+    col = Collector()
+    engine.submit(GenerateRequest("long", prompts(1)[0], SamplingParams(max_tokens=100000, ignore_eos=True)),
+                  col.sink("long"))  # fmt: skip
+    deadline = time.monotonic() + 30
+    while len(col.outputs.get("long", [])) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = engine.worker.actors[1]
+    t0 = time.monotonic()
+    ray.kill(victim, no_restart=True)
+    col.wait(["long"], timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert col.final("long").finish_reason == "error" and "unavailable" in col.final("long").error
+    after = run(engine, requests()[:1])  # the rebuilt instance serves again
+    assert after.final("r0").finish_reason == "length" and len(after.tokens("r0")) == 8
+    engine.worker.stop()
+    engine.stop()
