@@ -93,6 +93,24 @@ def resolve_manifest(args: argparse.Namespace) -> Manifest:
         raise ServeError(f"{flag}{str(e).removeprefix(e.path)}") from None
 
 
+def check_topology(manifest: Manifest, checkpoint: Path) -> None:
+    """Refuse, before anything starts, an instance the model cannot be split into."""
+    from workers.config import ModelConfig
+
+    cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
+    workers = manifest.instance.workers
+    if cfg.n_routed_experts % workers:
+        raise ManifestError(
+            "instance.workers", f"{cfg.n_routed_experts} routed experts cannot be split evenly over {workers} workers"
+        )
+    if manifest.communicator == "nccl":
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < 1:
+            raise ManifestError("instance.communicator", "nccl needs GPUs; this machine has none")
+
+
 def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
     """Load the manifest's model into a started in-process engine."""
     from cluster.cmd_model import torch_dtype
@@ -106,8 +124,10 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
         checkpoint = Path(spec.checkpoint)
     else:  # a random model of the preset, written once to the cache directory
         checkpoint = ensure_preset_checkpoint(spec.preset or "tiny", spec.seed or 0)
+    check_topology(manifest, checkpoint)
     sched = manifest.scheduler
-    log.info("loading %s (%s, backend %s) ...", checkpoint, spec.dtype, manifest.backend)
+    log.info("loading %s (%s, backend %s, %d worker(s), %s communicator) ...", checkpoint, spec.dtype,
+             manifest.backend, manifest.instance.workers, manifest.communicator)  # fmt: skip
     t0 = time.perf_counter()
     engine = build_engine(
         checkpoint,
@@ -117,6 +137,12 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
         page_size=sched.page_size,
         simulate_quant=spec.simulate_quant,
         progress=sys.stderr.isatty(),
+        workers=manifest.instance.workers,
+        backend=manifest.backend,
+        communicator=manifest.communicator,
+        ray_address=manifest.ray.address,
+        num_cpus=manifest.instance.num_cpus,
+        placement=manifest.instance.placement,
     )
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
     info = ServingInfo(engine.model_config, str(checkpoint), spec.dtype, manifest.backend, engine.page_size)

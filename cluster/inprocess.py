@@ -29,13 +29,21 @@ def build_engine(
     simulate_quant: bool = True,
     progress: bool = True,
     workers: int = 1,
+    backend: str = "inprocess",
+    communicator: str = "local",
+    ray_address: str | None = None,
+    num_cpus: float = 1.0,
+    placement: str = "spread",
 ) -> Engine:
-    """Load a checkpoint and return a started engine serving it; `workers` > 1 splits the
-    experts over that many expert-parallel workers in this process."""
+    """Load a checkpoint and return a started engine serving it. `workers` > 1 splits the
+    experts over that many expert-parallel workers: threads in this process (`inprocess`,
+    local communicator) or Ray actors in one placement group (`ray`, gloo or nccl)."""
     engine_config = engine_config or EngineConfig()
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
-    if workers > 1:
+    if backend == "ray":
+        worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, num_cpus, placement)
+    elif workers > 1:
         worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
     else:
         worker = ModelWorker(load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress))
@@ -51,3 +59,16 @@ def build_engine(
         model.cfg.n_routed_experts, layout.bytes_per_token, layout.bytes_per_seq / 2**20, kv.num_pages, page_size,
     )  # fmt: skip
     return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
+
+
+def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, num_cpus, placement):
+    import ray
+
+    from cluster.ray_backend import RayWorkerGroup
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    return RayWorkerGroup(
+        checkpoint, workers, dtype=str(dtype).removeprefix("torch."), simulate_quant=simulate_quant,
+        num_cpus=num_cpus, strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator,
+    )  # fmt: skip

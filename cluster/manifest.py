@@ -2,7 +2,9 @@
 
     version: 0
     model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant
-    backend:   inprocess
+    backend:   inprocess | ray
+    instance:  workers (expert-parallel workers per instance), communicator, num_cpus, placement
+    ray:       address
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size
     gateway:   host, port, metrics_port
@@ -25,7 +27,9 @@ import yaml
 
 from workers.presets import PRESETS
 
-BACKENDS = ("inprocess",)
+BACKENDS = ("inprocess", "ray")
+COMMUNICATORS = ("local", "gloo", "nccl")
+PLACEMENTS = ("pack", "spread")
 DTYPES = ("auto", "bfloat16", "float32")
 MANIFEST_VERSIONS = (0,)
 
@@ -154,12 +158,38 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True)
+class InstanceSpec:
+    workers: int = field(default=1, metadata=_int(1, 1024))  # expert-parallel workers; each holds E/workers experts
+    communicator: str | None = field(default=None, metadata=_choice(COMMUNICATORS, optional=True))  # default by backend
+    num_cpus: float = field(default=1.0, metadata=_positive_float())  # logical CPUs per worker (ray)
+    placement: str = field(default="spread", metadata=_choice(PLACEMENTS))  # workers over nodes (ray)
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    address: str | None = field(default=None, metadata=_str(optional=True))  # host:port or auto; none = start one
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: int = field(default=0, metadata=_choice(MANIFEST_VERSIONS))
     model: ModelSpec = field(default_factory=ModelSpec, metadata=_section(ModelSpec))
     backend: str = field(default="inprocess", metadata=_choice(BACKENDS))
+    instance: InstanceSpec = field(default_factory=InstanceSpec, metadata=_section(InstanceSpec))
+    ray: RaySpec = field(default_factory=RaySpec, metadata=_section(RaySpec))
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec, metadata=_section(SchedulerSpec))
     gateway: GatewaySpec = field(default_factory=GatewaySpec, metadata=_section(GatewaySpec))
+
+    def __post_init__(self) -> None:
+        comm = self.instance.communicator
+        if self.backend == "inprocess" and comm not in (None, "local"):
+            raise ManifestError("instance.communicator", f"the inprocess backend uses local, got {comm!r}")
+        if self.backend == "ray" and comm == "local":
+            raise ManifestError("instance.communicator", "the ray backend needs gloo or nccl, got 'local'")
+
+    @property
+    def communicator(self) -> str:
+        return self.instance.communicator or ("local" if self.backend == "inprocess" else "gloo")
 
 
 def parse_section(cls: type, raw: Any, path: str = "") -> Any:

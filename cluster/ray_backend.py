@@ -41,7 +41,8 @@ class RankWorker:
         from workers.weights import load_model
         from workers.worker import ModelWorker
 
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if store_addr[0].startswith("127."):  # a cluster on one machine (loopback node addresses)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(1)
         store = dist.TCPStore(store_addr[0], store_addr[1], is_master=False, timeout=timedelta(seconds=60))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
@@ -83,12 +84,12 @@ class RayWorkerGroup:
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: str = "float32", simulate_quant: bool = True,
         num_cpus: float = 1.0, resources: list[dict[str, float]] | None = None, strategy: str = "SPREAD",
-        step_timeout: float = 60.0, start_timeout: float = 180.0,
+        step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo",
     ) -> None:  # fmt: skip
         self.checkpoint, self.world_size = str(checkpoint), world_size
         self.dtype, self.simulate_quant = dtype, simulate_quant
         self.num_cpus, self.resources, self.strategy = num_cpus, resources, strategy
-        self.step_timeout, self.start_timeout = step_timeout, start_timeout
+        self.step_timeout, self.start_timeout, self.backend = step_timeout, start_timeout, backend
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
         self._start()
@@ -106,14 +107,16 @@ class RayWorkerGroup:
         self.pg = placement_group(bundles, strategy=self.strategy)
         ray.get(self.pg.ready(), timeout=self.start_timeout)
         port = _free_port()
-        self.store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+        self.store_host = ray.util.get_node_ip_address()  # reachable from every node of the cluster
+        self.store = dist.TCPStore(self.store_host, port, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=60))  # fmt: skip
         actor_cls = ray.remote(RankWorker)  # the one place ray.remote is applied
         self.actors = [
             actor_cls.options(
                 num_cpus=self.num_cpus, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(self.checkpoint, r, self.world_size, ("127.0.0.1", port), self.dtype, self.simulate_quant)
+            ).remote(self.checkpoint, r, self.world_size, (self.store_host, port), self.dtype, self.simulate_quant,
+                     self.backend)
             for r in range(self.world_size)
         ]  # fmt: skip
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
@@ -164,5 +167,5 @@ class RayWorkerGroup:
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]

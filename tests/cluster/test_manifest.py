@@ -57,7 +57,8 @@ def test_kv_cache_gib():
 
 
 ERRORS = [
-    ({"schedular": {}}, "schedular: unknown key; known keys: version, model, backend, scheduler, gateway"),
+    ({"schedular": {}},
+     "schedular: unknown key; known keys: version, model, backend, instance, ray, scheduler, gateway"),
     ({"scheduler": {"max_batch_tokens": 0}}, "scheduler.max_batch_tokens: must be >= 1, got 0"),
     ({"scheduler": {"max_batch_tokens": "many"}}, "scheduler.max_batch_tokens: must be an integer, got 'many'"),
     ({"scheduler": {"max_running": True}}, "scheduler.max_running: must be an integer, got True"),
@@ -77,7 +78,13 @@ ERRORS = [
     ({"model": {"dtype": "float16"}}, "model.dtype: must be one of auto, bfloat16, float32, got 'float16'"),
     ({"model": {"simulate_quant": "yes"}}, "model.simulate_quant: must be true or false, got 'yes'"),
     ({"model": {"weights": "/x"}}, "model.weights: unknown key"),
-    ({"backend": "ray"}, "backend: must be one of inprocess, got 'ray'"),
+    ({"backend": "slurm"}, "backend: must be one of inprocess, ray, got 'slurm'"),
+    ({"instance": {"workers": 0}}, "instance.workers: must be >= 1, got 0"),
+    ({"instance": {"communicator": "mpi"}}, "instance.communicator: must be one of local, gloo, nccl, got 'mpi'"),
+    ({"instance": {"communicator": "gloo"}}, "instance.communicator: the inprocess backend uses local, got 'gloo'"),
+    ({"backend": "ray", "instance": {"communicator": "local"}},
+     "instance.communicator: the ray backend needs gloo or nccl, got 'local'"),
+    ({"instance": {"placement": "everywhere"}}, "instance.placement: must be one of pack, spread, got 'everywhere'"),
     ({"version": 1}, "version: must be one of 0, got 1"),
     ({"gateway": {"port": 70000}}, "gateway.port: must be <= 65535, got 70000"),
     ({"gateway": {"port": -1}}, "gateway.port: must be >= 0, got -1"),
