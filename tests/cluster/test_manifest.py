@@ -32,6 +32,21 @@ def test_shipped_manifest_loads():
     assert m.gateway.metrics_port == 9400
 
 
+def test_shipped_ray_manifest_loads():
+    m = load_manifest(REPO / "manifests" / "ray-local.yaml")
+    assert m.backend == "ray" and m.communicator == "gloo" and m.instance.workers == 2
+    assert m.ray.address == "127.0.0.2:6380" and m.instance.placement == "spread"
+
+
+def test_topology_refused_before_start(tiny_checkpoint):
+    from cluster.cmd_serve import check_topology
+    from cluster.manifest import ManifestError, parse_manifest
+
+    check_topology(parse_manifest({"instance": {"workers": 4}}), tiny_checkpoint)  # 8 experts / 4
+    with pytest.raises(ManifestError, match=r"instance\.workers: 8 routed experts cannot be split evenly over 3"):
+        check_topology(parse_manifest({"instance": {"workers": 3}}), tiny_checkpoint)
+
+
 def test_full_manifest(tmp_path):
     text = """
 version: 0
