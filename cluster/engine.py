@@ -219,7 +219,7 @@ class Engine:
         except EngineUnavailableError as e:  # the workers lost every request's state
             log.error("workers lost: %s", e)
             for req in [*self.scheduler.running]:
-                self._finish(req.uid, "error", error=f"unavailable: {e}")
+                self._finish(req.uid, "error", error=f"unavailable: {e}", unavailable=True)
             return
         except Exception as e:  # a bad step fails its requests, never the engine
             log.exception("step failed")
@@ -271,13 +271,14 @@ class Engine:
             "time_to_first_token_ms": ttft,
         }
 
-    def _finish(self, uid: str, reason: str, error: str | None = None) -> None:
+    def _finish(self, uid: str, reason: str, error: str | None = None, unavailable: bool = False) -> None:
         live = self._live.pop(uid, None)
         if live is None:
             return
         self.scheduler.remove(uid)
         self.stats.preemptions += live.req.num_preemptions
-        self._emit(live, RequestOutput(uid, finish_reason=reason, error=error, **self._usage(live)))
+        out = RequestOutput(uid, finish_reason=reason, error=error, unavailable=unavailable, **self._usage(live))
+        self._emit(live, out)
 
     @staticmethod
     def _emit(live: _Live, out: RequestOutput) -> None:

@@ -109,6 +109,7 @@ class RequestStream:
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._last_token_time: float | None = None
         self.finished = False
+        self.lost: str | None = None  # set when the engine lost the workers holding this request
 
     def sink(self, out: RequestOutput) -> None:
         """Called from the engine thread."""
@@ -126,6 +127,8 @@ class RequestStream:
         while not self.finished:
             out = await self._queue.get()
             self.finished = out.finished
+            if out.unavailable:
+                self.lost = out.error or "the workers holding this request were lost"
             yield out
 
     def close(self) -> None:
@@ -283,6 +286,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
         async for response in self.gateway.chat(stream, translator):
             yield response
+        if stream.lost:  # after the final message, the status says: retry elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
@@ -293,6 +298,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
         async for response in self.gateway.generate(stream):
             yield response
+        if stream.lost:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -80,6 +80,7 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when asked for
     finish_reason: str | None = None  # None while running; stop | length | abort | error
     error: str | None = None  # why, when finish_reason == "error"
+    unavailable: bool = False  # the workers holding the request were lost (gRPC UNAVAILABLE; retry)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

@@ -350,8 +350,9 @@ class ScriptedEngine:
         n = len(pieces)
         if end == "eos":
             sink(RequestOutput(request.uid, (EOS_ID,), "", completion_tokens=n + 1, **usage))
-        reason = {"eos": "stop", "length": "length", "error": "error"}[end]
-        sink(RequestOutput(request.uid, finish_reason=reason, error="worker died" if end == "error" else None, **usage))
+        reason = {"eos": "stop", "length": "length", "error": "error", "lost": "error"}[end]
+        error = {"error": "worker died", "lost": "unavailable: a worker of the instance was lost"}.get(end)
+        sink(RequestOutput(request.uid, finish_reason=reason, error=error, unavailable=end == "lost", **usage))
 
     def abort(self, uid: str) -> bool:
         self.aborted.append(uid)
@@ -465,3 +466,16 @@ def test_tool_history_reaches_the_prompt(scripted):
     assert prompt.index("Be brief.") < prompt.index("## Tools") < prompt.index('"name": "get_weather"')
     assert '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>' in prompt
     assert "<tool_result>sunny</tool_result>" in prompt
+
+
+def test_lost_workers_end_the_stream_with_unavailable(scripted):
+    engine, stub = scripted
+    engine.script, engine.refuse = ("partial answer", "lost"), None
+    call = stub.Chat(chat(), timeout=30)
+    received = []
+    with pytest.raises(grpc.RpcError) as e:
+        for response in call:
+            received.append(response)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "lost" in e.value.details()
+    assert received[-1].finish.finish_reason == "error"  # the final message came first
+    assert "".join(r.delta.content for r in received if r.WhichOneof("kind") == "delta") == "partial answer"
