@@ -10,7 +10,7 @@ Needs torch >= 2.11 and Triton >= 3.6, not Ray. Without CUDA it prints a line an
 `--smoke` instead runs every case at toy shapes through Triton's interpreter on the CPU
 (checks only: this script's own test).
 
-  python benchmarks/kernels.py [--reps 20] [--only attn,fp8]
+  python benchmarks/kernels.py [--reps 20] [--only attn,fp8,pool]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from kernels.compressor_pool import compressor_pool_ref, compressor_pool_triton  # noqa: E402
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref, fp4_grouped_gemm_triton  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm_ref, fp8_gemm_triton  # noqa: E402
 from kernels.indexer_topk import indexer_topk_ref, indexer_topk_triton  # noqa: E402
@@ -154,11 +155,31 @@ def small_cases(dev: torch.device, s: dict[str, int]) -> list[Case]:
     return cases
 
 
+def pool_cases(dev: torch.device, s: dict[str, int]) -> list[Case]:
+    """Decode: `batch` blocks close at once; ratio 4 reads its previous and own block from one ring gather."""
+    n = s["batch"]
+    cases = []
+    for name, r, c in (("pool csa", 4, s["head_dim"]), ("pool csa index", 4, s["index_dim"]),
+                       ("pool hca", 128, s["head_dim"])):  # fmt: skip
+        if r == 4:
+            rows_kv, rows_score = torch.randn(n, 2 * r, 2 * c, device=dev), torch.randn(n, 2 * r, 2 * c, device=dev)
+            args = (rows_kv[:, r:], rows_score[:, r:], rows_kv[:, :r], rows_score[:, :r])
+        else:
+            args = (torch.randn(n, r, c, device=dev), torch.randn(n, r, c, device=dev))
+        slots = 2 * r if r == 4 else r  # the kernel reads only the half of each 2c row that it pools
+        cases.append(Case(
+            name, f"n={n} r={r} c={c}", args, compressor_pool_triton, compressor_pool_ref,
+            2 * n * slots * c * 4 + n * c * 4, 5 * n * slots * c, _close(1e-4),
+        ))  # fmt: skip
+    return cases
+
+
 FLASH = dict(batch=64, heads=64, head_dim=512, window=128, topk=512, entries=16384, index_heads=64, index_dim=128,
              chunk=128, experts=256, dim=4096, inter=2048, q_lora=1024, o_in=8192)  # fmt: skip
 SMOKE = dict(batch=3, heads=16, head_dim=64, window=16, topk=16, entries=80, index_heads=8, index_dim=32,
              chunk=4, experts=4, dim=128, inter=64, q_lora=128, o_in=256)  # fmt: skip
-GROUPS = {"attn": attention_cases, "indexer": indexer_cases, "fp4": fp4_cases, "fp8": fp8_cases, "small": small_cases}
+GROUPS = {"attn": attention_cases, "indexer": indexer_cases, "fp4": fp4_cases, "fp8": fp8_cases, "small": small_cases,
+          "pool": pool_cases}  # fmt: skip
 
 
 def time_ms(fn: Callable[[], Any], reps: int, flush: torch.Tensor | None) -> float:

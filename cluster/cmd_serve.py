@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from cluster.engine import Engine
     from cluster.gateway import ServingInfo
     from cluster.gateway_client import ChatPrinter
+    from cluster.router_actor import InstanceRouter
 
 log = logging.getLogger("dsv4.serve")
 
@@ -94,30 +95,44 @@ def resolve_manifest(args: argparse.Namespace) -> Manifest:
 
 
 def check_topology(manifest: Manifest, checkpoint: Path) -> None:
-    """Refuse, before anything starts, an instance the model cannot be split into."""
+    """Refuse, before anything starts, a topology the model cannot be split into or this
+    build cannot serve; the message names the manifest key."""
     from workers.config import ModelConfig
 
     cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
-    workers = manifest.instance.workers
-    if cfg.n_routed_experts % workers:
+    for pool in manifest.pools:
+        path = manifest.pool_path(pool)
+        if pool.role != "colocated":
+            raise ManifestError(
+                f"{path}.role", "prefill/decode pools with KV handoff are not served yet; use one colocated pool"
+            )
+        if cfg.n_routed_experts % pool.workers:
+            raise ManifestError(
+                f"{path}.workers",
+                f"{cfg.n_routed_experts} routed experts cannot be split evenly over {pool.workers} workers",
+            )
+        if manifest.communicator_of(pool) == "nccl":
+            import torch
+
+            if torch.cuda.device_count() < 1:
+                raise ManifestError(f"{path}.communicator", "nccl needs GPUs; this machine has none")
+    ratios = sorted({r for r in (cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)) if r})
+    page = manifest.scheduler.page_size
+    if any(page % r for r in ratios):
         raise ManifestError(
-            "instance.workers", f"{cfg.n_routed_experts} routed experts cannot be split evenly over {workers} workers"
+            "scheduler.page_size", f"must be a multiple of {max(ratios)} (the model's compress ratios), got {page}"
         )
-    if manifest.communicator == "nccl":
-        import torch
-
-        have = torch.cuda.device_count()
-        if have < 1:
-            raise ManifestError("instance.communicator", "nccl needs GPUs; this machine has none")
 
 
-def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
-    """Load the manifest's model into a started in-process engine."""
+def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
+    """Load the manifest's model into started engines: one per instance of the pool, behind
+    the router when there are several."""
     from cluster.cmd_model import torch_dtype
     from cluster.engine import EngineConfig
     from cluster.gateway import ServingInfo
     from cluster.inprocess import build_engine
     from cluster.model_cache import ensure_preset_checkpoint
+    from cluster.router_actor import InstanceRouter
 
     spec: ModelSpec = manifest.model
     if spec.checkpoint:
@@ -125,25 +140,31 @@ def boot(manifest: Manifest) -> tuple[Engine, ServingInfo]:
     else:  # a random model of the preset, written once to the cache directory
         checkpoint = ensure_preset_checkpoint(spec.preset or "tiny", spec.seed or 0)
     check_topology(manifest, checkpoint)
-    sched = manifest.scheduler
-    log.info("loading %s (%s, backend %s, %d worker(s), %s communicator) ...", checkpoint, spec.dtype,
-             manifest.backend, manifest.instance.workers, manifest.communicator)  # fmt: skip
+    sched, pool = manifest.scheduler, manifest.pools[0]
+    log.info("loading %s (%s, backend %s, %d instance(s) of %d worker(s), %s communicator) ...", checkpoint,
+             spec.dtype, manifest.backend, pool.instances, pool.workers, manifest.communicator_of(pool))  # fmt: skip
     t0 = time.perf_counter()
-    engine = build_engine(
-        checkpoint,
-        engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting, sched.max_model_len),
-        dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
-        kv_cache_bytes=sched.kv_bytes,
-        page_size=sched.page_size,
-        simulate_quant=spec.simulate_quant,
-        progress=sys.stderr.isatty(),
-        workers=manifest.instance.workers,
-        backend=manifest.backend,
-        communicator=manifest.communicator,
-        ray_address=manifest.ray.address,
-        num_cpus=manifest.instance.num_cpus,
-        placement=manifest.instance.placement,
-    )
+    engines = []
+    for _ in range(pool.instances):
+        engines.append(build_engine(
+            checkpoint,
+            engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting,
+                                       sched.max_model_len),  # fmt: skip
+            dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
+            kv_cache_bytes=sched.kv_bytes,
+            page_size=sched.page_size,
+            simulate_quant=spec.simulate_quant,
+            progress=sys.stderr.isatty(),
+            workers=pool.workers,
+            backend=manifest.backend,
+            communicator=manifest.communicator_of(pool),
+            ray_address=manifest.ray.address,
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            resources=dict(pool.resources),
+            placement=pool.placement,
+        ))  # fmt: skip
+    engine = engines[0] if len(engines) == 1 else InstanceRouter(engines, pool.name)
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
     info = ServingInfo(engine.model_config, str(checkpoint), spec.dtype, manifest.backend, engine.page_size)
     return engine, info
@@ -164,7 +185,7 @@ async def _serve(engine: Engine, info: ServingInfo, manifest: Manifest) -> None:
     from cluster.metrics import GatewayMetrics
 
     spec = manifest.gateway
-    metrics = GatewayMetrics(engine.load)
+    metrics = GatewayMetrics(engine.load, engine.routing_window)
     gateway = Gateway(engine, info, metrics)
     try:
         metrics.serve(spec.metrics_port, spec.host)

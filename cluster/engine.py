@@ -152,6 +152,10 @@ class Engine:
             time.sleep(0.005)
         return False
 
+    def routing_window(self):
+        """The workers' per-layer routing and all-to-all stats since the previous call."""
+        return self.worker.routing_window()
+
     def load(self) -> dict[str, int]:
         return {
             "running": len(self.scheduler.running),

@@ -25,7 +25,7 @@ def build_engine(
     engine_config: EngineConfig | None = None,
     dtype: torch.dtype | None = None,
     kv_cache_bytes: int = 2 << 30,
-    page_size: int = 64,
+    page_size: int = 128,
     simulate_quant: bool = True,
     progress: bool = True,
     workers: int = 1,
@@ -33,20 +33,27 @@ def build_engine(
     communicator: str = "local",
     ray_address: str | None = None,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    resources: dict[str, float] | None = None,
     placement: str = "spread",
 ) -> Engine:
     """Load a checkpoint and return a started engine serving it. `workers` > 1 splits the
     experts over that many expert-parallel workers: threads in this process (`inprocess`,
-    local communicator) or Ray actors in one placement group (`ray`, gloo or nccl)."""
+    local communicator) or Ray actors in one placement group (`ray`, gloo or nccl), each
+    bundle asking for `num_cpus`, `num_gpus` and the custom `resources`."""
     engine_config = engine_config or EngineConfig()
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
     if backend == "ray":
-        worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, num_cpus, placement)
+        bundle = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}}
+        worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, placement,
+                            page_size, bundle)  # fmt: skip
     elif workers > 1:
-        worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
+        worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
+                                  page_size=page_size)  # fmt: skip
     else:
-        worker = ModelWorker(load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress))
+        model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
+        worker = ModelWorker(model, page_size=page_size)
     model = worker.model
     tokenizer = load_tokenizer(str(checkpoint))
     layout = KVLayout.for_model(model.cfg, elem_bytes=torch.empty(0, dtype=dtype).element_size())
@@ -61,7 +68,7 @@ def build_engine(
     return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
 
 
-def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, num_cpus, placement):
+def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle):
     import ray
 
     from cluster.ray_backend import RayWorkerGroup
@@ -70,5 +77,6 @@ def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address
         ray.init(address=address)
     return RayWorkerGroup(
         checkpoint, workers, dtype=str(dtype).removeprefix("torch."), simulate_quant=simulate_quant,
-        num_cpus=num_cpus, strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator,
+        num_cpus=bundle["num_cpus"], num_gpus=bundle["num_gpus"], resources=[bundle["resources"]] * workers,
+        strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator, page_size=page_size,
     )  # fmt: skip

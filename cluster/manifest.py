@@ -3,7 +3,11 @@
     version: 0
     model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant
     backend:   inprocess | ray
-    instance:  workers (expert-parallel workers per instance), communicator, num_cpus, placement
+    instance:  workers (expert-parallel workers per instance), communicator, num_cpus, num_gpus,
+               resources (custom Ray resources per worker), placement
+    pools:     {NAME: {role, instances, <the instance keys>}}; instead of `instance` when a
+               topology has several instances or prefill/decode pools (role colocated |
+               prefill | decode; a pool named after a role takes that role)
     ray:       address
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size
@@ -31,6 +35,7 @@ BACKENDS = ("inprocess", "ray")
 COMMUNICATORS = ("local", "gloo", "nccl")
 PLACEMENTS = ("pack", "spread")
 DTYPES = ("auto", "bfloat16", "float32")
+ROLES = ("colocated", "prefill", "decode")
 MANIFEST_VERSIONS = (0,)
 
 
@@ -84,6 +89,15 @@ def _choice(choices: tuple[Any, ...], optional: bool = False) -> dict[str, Parse
     return {"parse": parse}
 
 
+def _nonnegative_float() -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ManifestError(path, f"must be a number >= 0, got {value!r}")
+        return float(value)
+
+    return {"parse": parse}
+
+
 def _str(optional: bool = False) -> dict[str, Parser]:
     def parse(value: Any, path: str) -> str | None:
         if value is None and optional:
@@ -106,6 +120,56 @@ def _bool() -> dict[str, Parser]:
 
 def _section(cls: type) -> dict[str, Parser]:
     return {"parse": lambda value, path: parse_section(cls, value, path)}
+
+
+def _resources() -> dict[str, Parser]:
+    """Custom Ray resources per worker: {name: amount > 0}."""
+
+    def parse(value: Any, path: str) -> tuple[tuple[str, float], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, Mapping):
+            raise ManifestError(path, f"must be a mapping of resource name to amount, got {value!r}")
+        out = []
+        for name, amount in value.items():
+            if not isinstance(name, str) or not name:
+                raise ManifestError(path, f"resource names must be non-empty strings, got {name!r}")
+            if name in ("CPU", "GPU", "memory"):
+                raise ManifestError(f"{path}.{name}", "use num_cpus / num_gpus for CPUs and GPUs")
+            out.append((name, _positive_float()["parse"](amount, f"{path}.{name}")))
+        return tuple(out)
+
+    return {"parse": parse}
+
+
+def _pools() -> dict[str, Parser]:
+    def parse(value: Any, path: str) -> tuple[PoolSpec, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or not value:
+            raise ManifestError(path, f"must be a non-empty mapping of pool name to pool, got {value!r}")
+        pools = []
+        for name, raw in value.items():
+            sub = f"{path}.{name}"
+            if not isinstance(name, str) or not name:
+                raise ManifestError(path, f"pool names must be non-empty strings, got {name!r}")
+            raw = dict(raw or {}) if isinstance(raw, Mapping) else raw
+            if isinstance(raw, dict):
+                raw.setdefault("role", name if name in ROLES else None)
+                if raw["role"] is None:
+                    raise ManifestError(f"{sub}.role", f"missing; one of {', '.join(ROLES)}")
+            pools.append(dataclasses.replace(parse_section(PoolSpec, raw, sub), name=name))
+        roles = [p.role for p in pools]
+        if "colocated" in roles and len(pools) > 1:
+            raise ManifestError(path, "a colocated pool serves alone; give one colocated pool or prefill + decode")
+        for role in ("prefill", "decode"):
+            if roles.count(role) > 1:
+                raise ManifestError(path, f"more than one {role} pool; use `instances` to scale one pool")
+        if ("prefill" in roles) != ("decode" in roles):
+            raise ManifestError(path, "prefill and decode pools come together")
+        return tuple(pools)
+
+    return {"parse": parse}
 
 
 @dataclass(frozen=True)
@@ -136,7 +200,7 @@ class SchedulerSpec:
     max_model_len: int = field(default=1048576, metadata=_int(2))  # prompt + completion tokens (capped by the model)
     kv_cache_bytes: int | None = field(default=None, metadata=_int(1, optional=True))  # KV cache size ...
     kv_cache_gib: float | None = field(default=None, metadata=_positive_float(optional=True))  # ... or in GiB
-    page_size: int = field(default=64, metadata=_int(1))  # tokens per KV page
+    page_size: int = field(default=128, metadata=_int(1))  # raw tokens per KV page (a multiple of 128)
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes is not None and self.kv_cache_gib is not None:
@@ -162,7 +226,18 @@ class InstanceSpec:
     workers: int = field(default=1, metadata=_int(1, 1024))  # expert-parallel workers; each holds E/workers experts
     communicator: str | None = field(default=None, metadata=_choice(COMMUNICATORS, optional=True))  # default by backend
     num_cpus: float = field(default=1.0, metadata=_positive_float())  # logical CPUs per worker (ray)
+    num_gpus: float = field(default=0.0, metadata=_nonnegative_float())  # GPUs per worker (ray; 1 on GPU nodes)
+    resources: tuple[tuple[str, float], ...] = field(default=(), metadata=_resources())  # custom Ray resources
     placement: str = field(default="spread", metadata=_choice(PLACEMENTS))  # workers over nodes (ray)
+
+
+@dataclass(frozen=True)
+class PoolSpec(InstanceSpec):
+    """A pool of identical instances; `name` is its key in `pools`."""
+
+    role: str = field(default="colocated", metadata=_choice(ROLES))
+    instances: int = field(default=1, metadata=_int(1, 4096))  # engine instances in this pool
+    name: str = field(default="colocated", metadata=_str())
 
 
 @dataclass(frozen=True)
@@ -176,20 +251,41 @@ class Manifest:
     model: ModelSpec = field(default_factory=ModelSpec, metadata=_section(ModelSpec))
     backend: str = field(default="inprocess", metadata=_choice(BACKENDS))
     instance: InstanceSpec = field(default_factory=InstanceSpec, metadata=_section(InstanceSpec))
+    pools_: tuple[PoolSpec, ...] | None = field(default=None, metadata={**_pools(), "key": "pools"})
     ray: RaySpec = field(default_factory=RaySpec, metadata=_section(RaySpec))
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec, metadata=_section(SchedulerSpec))
     gateway: GatewaySpec = field(default_factory=GatewaySpec, metadata=_section(GatewaySpec))
 
     def __post_init__(self) -> None:
-        comm = self.instance.communicator
-        if self.backend == "inprocess" and comm not in (None, "local"):
-            raise ManifestError("instance.communicator", f"the inprocess backend uses local, got {comm!r}")
-        if self.backend == "ray" and comm == "local":
-            raise ManifestError("instance.communicator", "the ray backend needs gloo or nccl, got 'local'")
+        if self.pools_ is not None and self.instance != InstanceSpec():
+            raise ManifestError("pools", "give pools or instance, not both")
+        for pool in self.pools:
+            prefix = f"pools.{pool.name}" if self.pools_ is not None else "instance"
+            comm = pool.communicator
+            if self.backend == "inprocess" and comm not in (None, "local"):
+                raise ManifestError(f"{prefix}.communicator", f"the inprocess backend uses local, got {comm!r}")
+            if self.backend == "ray" and comm == "local":
+                raise ManifestError(f"{prefix}.communicator", "the ray backend needs gloo or nccl, got 'local'")
+            if self.backend == "inprocess" and (pool.num_gpus or pool.resources):
+                raise ManifestError(f"{prefix}.resources", "num_gpus and resources place Ray actors; backend inprocess")
+
+    @property
+    def pools(self) -> tuple[PoolSpec, ...]:
+        """The pools: as given, or one colocated pool of one instance made of `instance`."""
+        if self.pools_ is not None:
+            return self.pools_
+        return (PoolSpec(**{f.name: getattr(self.instance, f.name) for f in dataclasses.fields(InstanceSpec)}),)
+
+    def pool_path(self, pool: PoolSpec) -> str:
+        """The key path of a pool in this manifest (for error messages)."""
+        return f"pools.{pool.name}" if self.pools_ is not None else "instance"
+
+    def communicator_of(self, pool: PoolSpec) -> str:
+        return pool.communicator or ("local" if self.backend == "inprocess" else "gloo")
 
     @property
     def communicator(self) -> str:
-        return self.instance.communicator or ("local" if self.backend == "inprocess" else "gloo")
+        return self.communicator_of(self.pools[0])
 
 
 def parse_section(cls: type, raw: Any, path: str = "") -> Any:
@@ -198,13 +294,13 @@ def parse_section(cls: type, raw: Any, path: str = "") -> Any:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ManifestError(path, f"must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.name != "name"}
     kwargs = {}
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in fields:
             raise ManifestError(key_path, f"unknown key; known keys: {', '.join(fields)}")
-        kwargs[key] = fields[key].metadata["parse"](value, key_path)
+        kwargs[fields[key].name] = fields[key].metadata["parse"](value, key_path)
     return cls(**kwargs)
 
 

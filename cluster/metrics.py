@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cluster.messages import RequestOutput
+from router.stats import LayerStats
 
 log = logging.getLogger("dsv4.metrics")
 
@@ -45,10 +46,56 @@ class _LoadCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=load[key])
 
 
-class GatewayMetrics:
-    """Counters and histograms of one gateway, in a registry of its own."""
+class _RoutingCollector(Collector):
+    """Per-layer expert load and all-to-all traffic, pulled from the workers at each scrape
+    (the window since the previous scrape), exported as running totals."""
 
-    def __init__(self, load: Callable[[], dict[str, int]] | None = None) -> None:
+    def __init__(self, window: Callable[[], dict[int, LayerStats]]) -> None:
+        self._window = window
+        self._totals: dict[tuple, float] = {}  # (metric, labels...) -> running total
+        self._balance: dict[str, float] = {}  # layer -> balancedness of the last window with tokens
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            window = self._window()
+        except Exception:
+            log.exception("reading the workers' routing stats failed during a scrape")
+            window = {}
+        t = self._totals
+        for layer, st in window.items():
+            lay = str(layer)
+            for e, n in enumerate(st.tokens_per_expert.tolist()):
+                t[("tokens", lay, str(e))] = t.get(("tokens", lay, str(e)), 0) + n
+            for key, value in (("sent", st.bytes_sent), ("recv", st.bytes_recv)):
+                t[("bytes", lay, key)] = t.get(("bytes", lay, key), 0) + value
+            for key, value in (("dispatch", st.dispatch_s), ("combine", st.combine_s)):
+                t[("seconds", lay, key)] = t.get(("seconds", lay, key), 0.0) + value
+            if st.num_tokens:
+                self._balance[lay] = st.balancedness
+        tokens = CounterMetricFamily("dsv4_expert_tokens", "(token, expert) pairs routed to each expert",
+                                     labels=["layer", "expert"])  # fmt: skip
+        traffic = CounterMetricFamily("dsv4_alltoall_bytes", "all-to-all bytes of the MoE layers, all workers",
+                                      labels=["layer", "direction"])  # fmt: skip
+        seconds = CounterMetricFamily("dsv4_alltoall_seconds", "worker-seconds in dispatch and combine",
+                                      labels=["layer", "phase"])  # fmt: skip
+        families = {"tokens": tokens, "bytes": traffic, "seconds": seconds}
+        for (metric, *labels), value in sorted(t.items()):
+            families[metric].add_metric(labels, value)
+        balance = GaugeMetricFamily("dsv4_expert_balancedness", "mean / max tokens per expert, last window",
+                                    labels=["layer"])  # fmt: skip
+        for lay, value in sorted(self._balance.items()):
+            balance.add_metric([lay], value)
+        yield from (tokens, traffic, seconds, balance)
+
+
+class GatewayMetrics:
+    """Counters and histograms of one gateway, in a registry of its own. `routing` returns
+    the workers' routing stats since its previous call (`Engine.routing_window`)."""
+
+    def __init__(
+        self, load: Callable[[], dict[str, int]] | None = None,
+        routing: Callable[[], dict[int, LayerStats]] | None = None,
+    ) -> None:  # fmt: skip
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("dsv4_time_to_first_token_seconds", "submit to first token", buckets=_LATENCY_BUCKETS,
@@ -60,6 +107,8 @@ class GatewayMetrics:
         self.requests = Counter("dsv4_requests", "finished requests", ["finish_reason"], registry=r)
         if load is not None:
             r.register(_LoadCollector(load))
+        if routing is not None:
+            r.register(_RoutingCollector(routing))
         self._http: Any = None
 
     def on_submit(self, num_prompt_tokens: int) -> None:

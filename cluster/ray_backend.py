@@ -31,7 +31,7 @@ class RankWorker:
     """One rank of an instance (a plain class; `RayWorkerGroup` wraps it with ray.remote)."""
 
     def __init__(self, checkpoint: str, rank: int, world_size: int, store_addr: tuple[str, int],
-                 dtype: str, simulate_quant: bool, backend: str = "gloo") -> None:  # fmt: skip
+                 dtype: str, simulate_quant: bool, backend: str = "gloo", page_size: int = 128) -> None:  # fmt: skip
         import torch
         import torch.distributed as dist
 
@@ -53,7 +53,7 @@ class RankWorker:
         model = load_model(checkpoint, dtype=torch_dtype, simulate_quant=simulate_quant, progress=False,
                            expert_ids=placement.local_experts(rank))  # fmt: skip
         apply_expert_parallel(model, placement, DistCommunicator(backend))
-        self.worker = ModelWorker(model, lockstep=True)
+        self.worker = ModelWorker(model, lockstep=True, page_size=page_size)
         self.rank = rank
 
     def ready(self) -> int:
@@ -64,6 +64,9 @@ class RankWorker:
 
     def num_states(self) -> int:
         return self.worker.num_states()
+
+    def routing_window(self):
+        return self.worker.routing_window()
 
     def node(self) -> str:
         import ray
@@ -83,13 +86,15 @@ class RayWorkerGroup:
 
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: str = "float32", simulate_quant: bool = True,
-        num_cpus: float = 1.0, resources: list[dict[str, float]] | None = None, strategy: str = "SPREAD",
-        step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo",
+        num_cpus: float = 1.0, num_gpus: float = 0.0, resources: list[dict[str, float]] | None = None,
+        strategy: str = "SPREAD",
+        step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo", page_size: int = 128,
     ) -> None:  # fmt: skip
         self.checkpoint, self.world_size = str(checkpoint), world_size
         self.dtype, self.simulate_quant = dtype, simulate_quant
-        self.num_cpus, self.resources, self.strategy = num_cpus, resources, strategy
+        self.num_cpus, self.num_gpus, self.resources, self.strategy = num_cpus, num_gpus, resources, strategy
         self.step_timeout, self.start_timeout, self.backend = step_timeout, start_timeout, backend
+        self.page_size = page_size
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
         self._start()
@@ -102,7 +107,8 @@ class RayWorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         t0 = time.perf_counter()
-        bundles = [{"CPU": self.num_cpus, **((self.resources or [{}] * self.world_size)[r])}
+        gpus = {"GPU": self.num_gpus} if self.num_gpus else {}
+        bundles = [{"CPU": self.num_cpus, **gpus, **((self.resources or [{}] * self.world_size)[r])}
                    for r in range(self.world_size)]  # fmt: skip
         self.pg = placement_group(bundles, strategy=self.strategy)
         ray.get(self.pg.ready(), timeout=self.start_timeout)
@@ -113,10 +119,10 @@ class RayWorkerGroup:
         actor_cls = ray.remote(RankWorker)  # the one place ray.remote is applied
         self.actors = [
             actor_cls.options(
-                num_cpus=self.num_cpus, max_restarts=0,
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(self.checkpoint, r, self.world_size, (self.store_host, port), self.dtype, self.simulate_quant,
-                     self.backend)
+                     self.backend, self.page_size)
             for r in range(self.world_size)
         ]  # fmt: skip
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
@@ -146,6 +152,13 @@ class RayWorkerGroup:
         import ray
 
         return sum(ray.get([a.num_states.remote() for a in self.actors], timeout=self.step_timeout))
+
+    def routing_window(self):
+        import ray
+
+        from router.stats import merge
+
+        return merge(ray.get([a.routing_window.remote() for a in self.actors], timeout=self.step_timeout))
 
     def execute(self, plan: StepPlan) -> StepResult:
         import ray

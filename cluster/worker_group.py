@@ -17,6 +17,7 @@ import torch
 from cluster.messages import StepPlan, StepResult
 from router.comm import CollectiveTimeoutError, LocalGroup
 from router.placement import ExpertPlacement
+from router.stats import LayerStats, merge
 from workers.config import ModelConfig
 from workers.ep import apply_expert_parallel
 from workers.weights import load_model
@@ -26,7 +27,7 @@ from workers.worker import ModelWorker
 class LocalWorkerGroup:
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: torch.dtype, simulate_quant: bool = True,
-        progress: bool = False, step_timeout: float = 600.0,
+        progress: bool = False, step_timeout: float = 600.0, page_size: int = 128,
     ) -> None:  # fmt: skip
         self.group = LocalGroup(world_size, timeout=step_timeout)
         self.workers: list[ModelWorker] = []
@@ -36,7 +37,7 @@ class LocalWorkerGroup:
             model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
                                expert_ids=placement.local_experts(rank))  # fmt: skip
             apply_expert_parallel(model, placement, self.group.communicator(rank))
-            self.workers.append(ModelWorker(model, lockstep=True))
+            self.workers.append(ModelWorker(model, lockstep=True, page_size=page_size))
         self.placement = placement
         self.owner: dict[str, int] = {}  # uid -> rank holding its state
 
@@ -46,6 +47,9 @@ class LocalWorkerGroup:
 
     def num_states(self) -> int:
         return sum(w.num_states() for w in self.workers)
+
+    def routing_window(self) -> dict[int, LayerStats]:
+        return merge(w.routing_window() for w in self.workers)
 
     def execute(self, plan: StepPlan) -> StepResult:
         assign_owners(self.owner, plan, len(self.workers))

@@ -17,6 +17,7 @@ import os
 import torch
 
 from kernels._triton import HAS_TRITON
+from kernels.compressor_pool import compressor_pool_ref, compressor_pool_triton
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref, fp4_grouped_gemm_triton
 from kernels.fp8_gemm import fp8_gemm_ref, fp8_gemm_triton
 from kernels.indexer_topk import indexer_topk_ref, indexer_topk_triton
@@ -25,8 +26,8 @@ from kernels.sinkhorn import sinkhorn_ref, sinkhorn_triton
 from kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
 
 __all__ = [
-    "HAS_TRITON", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "rmsnorm_rope", "sinkhorn", "sparse_attention",
-    "use_triton",
+    "HAS_TRITON", "compressor_pool", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "rmsnorm_rope", "sinkhorn",
+    "sparse_attention", "use_triton",
 ]  # fmt: skip
 
 _MODES = ("auto", "ref", "triton")
@@ -92,3 +93,12 @@ def rmsnorm_rope(
     """x [T, (H,) D], weight [D] or None, cos/sin [T, rd/2] -> like x; see kernels.rmsnorm_rope."""
     fn = rmsnorm_rope_triton if use_triton(x, cos) else rmsnorm_rope_ref
     return fn(x, weight, cos, sin, eps, out=out)
+
+
+def compressor_pool(
+    kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None = None, prev_score: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """kv, score [n, r, coff*c] (+ prev_kv, prev_score with overlap) fp32 -> [n, c]; see kernels.compressor_pool."""
+    fn = compressor_pool_triton if use_triton(kv, score) else compressor_pool_ref
+    return fn(kv, score, prev_kv, prev_score, out=out)

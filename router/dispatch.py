@@ -19,6 +19,9 @@ within one source in that source's (token, k) order):
 The expert side applies the weights, so `combine` is a plain fp32 sum of each token's K
 returned rows. Cost: two all-to-alls per dispatch (split sizes, then rows) and one per combine.
 
+With `stats=` (a `router.stats.DispatchStats`), dispatch records the layer's routing, rows,
+wire bytes and wall time, and the combine of its handle records its own bytes and time.
+
 Wire format (one all-to-all carries rows and metadata): a uint8 row of
 [local id int32 | weight fp32 | activation bytes | padding to a multiple of 8 bytes], so each
 field is a zero-copy, aligned view on arrival; `recv` is a strided view into that buffer.
@@ -26,6 +29,7 @@ field is a zero-copy, aligned view on arrival; `recv` is a strided view into tha
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +37,7 @@ import torch
 
 from router.comm import Communicator
 from router.placement import ExpertPlacement
+from router.stats import DispatchStats
 
 _META_BYTES = 8  # int32 local expert id + fp32 gate weight
 
@@ -48,6 +53,8 @@ class DispatchHandle:
     send_token_ids: torch.Tensor  # [P] int64 source token of each sent row, in send order (the permutation)
     recv_local_ids: torch.Tensor  # [R] int64 local expert id of each received row on this rank
     recv_weights: torch.Tensor  # [R] fp32 gate weight of each received row
+    layer: int = 0  # the MoE layer, for stats
+    stats: DispatchStats | None = None  # where combine records its traffic and time (None: nowhere)
 
 
 def dispatch(
@@ -57,13 +64,15 @@ def dispatch(
     placement: ExpertPlacement,
     comm: Communicator,
     layer: int = 0,
+    stats: DispatchStats | None = None,
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """x [T, d] any dtype, topk_ids [T, K] int64 global expert ids, topk_weights [T, K]
     -> (recv [R, d] in x's dtype, handle); see the module docstring for the receiver's view.
 
     Pair (t, k) goes to `placement.pick_owners` of expert topk_ids[t, k] (replica rule there,
-    with this layer and this rank).
+    with this layer and this rank). `stats`: where this layer's dispatch and combine record.
     """
+    start = time.perf_counter()
     t, k = topk_ids.shape
     assert x.dim() == 2 and x.shape[0] == t and topk_weights.shape == topk_ids.shape
     assert comm.world_size == placement.num_workers, f"{comm.world_size} workers, placement for {placement}"
@@ -79,7 +88,11 @@ def dispatch(
     send_tokens = tokens[order]
     packed = _pack(x[send_tokens], local_ids[order], topk_weights.reshape(-1).to(dev)[order])
     recv, recv_local_ids, recv_weights = _unpack(comm.all_to_all(packed, send_splits, recv_splits), x.dtype, x.shape[1])
-    handle = DispatchHandle(comm, t, send_splits, recv_splits, send_tokens, recv_local_ids, recv_weights)
+    handle = DispatchHandle(comm, t, send_splits, recv_splits, send_tokens, recv_local_ids, recv_weights, layer, stats)
+    if stats is not None:
+        seconds = time.perf_counter() - start
+        stats.record_routing(layer, topk_ids)
+        stats.record_dispatch(layer, comm.rank, send_splits, recv_splits, packed.shape[1], seconds)
     return recv, handle
 
 
@@ -88,10 +101,17 @@ def combine(expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
 
     y[t] = sum of the K rows returned for token t's pairs.
     """
+    start = time.perf_counter()
     assert expert_out.dim() == 2 and expert_out.shape[0] == sum(handle.recv_splits)
     back = handle.comm.all_to_all(expert_out, handle.recv_splits, handle.send_splits)  # [P, d], send order
     y = torch.zeros(handle.num_tokens, expert_out.shape[1], dtype=torch.float32, device=back.device)
-    return y.index_add_(0, handle.send_token_ids.to(back.device), back.float())
+    y.index_add_(0, handle.send_token_ids.to(back.device), back.float())
+    if handle.stats is not None:
+        row_bytes = expert_out.shape[1] * expert_out.element_size()
+        seconds = time.perf_counter() - start
+        handle.stats.record_combine(handle.layer, handle.comm.rank, handle.recv_splits, handle.send_splits,
+                                    row_bytes, seconds)  # fmt: skip
+    return y
 
 
 def moe_reference(

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig
+from workers.kv_pool import CompressorPool, LayerPool, StepView
 from workers.layers import Linear, RMSNorm, apply_rope, rms_scale
 from workers.quant import fp4_qdq, fp8_qdq, hadamard
-from workers.state import CompressorState, LayerState
 
 
 @dataclass(frozen=True)
@@ -52,75 +52,70 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, coff * width, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(width, cfg.rms_norm_eps)
 
-    def new_state(self, dtype: torch.dtype) -> CompressorState:
-        return CompressorState(self.width, self.wkv.weight.shape[0], dtype)
-
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> (kv, score) [T, coff*c] fp32, for the whole flat batch at once."""
         xf = x.float()
         return self.wkv(xf), self.wgate(xf)
 
     def update(
-        self, st: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: int,
-        inv_freq: torch.Tensor, simulate_quant: bool,
-    ) -> None:  # fmt: skip
-        """Feed one sequence's chunk projections [S, coff*c] at positions pos0...; append
-        the entries of every block completed by this chunk to `st.entries`."""
-        r = self.ratio
-        score = score + self.ape[torch.arange(pos0, pos0 + kv.shape[0]) % r]
-        kv = torch.cat((st.open_kv, kv))
-        score = torch.cat((st.open_score, score))
-        first_pos = pos0 - st.open_kv.shape[0]  # block aligned
-        n = kv.shape[0] // r
-        st.open_kv, st.open_score = kv[n * r :], score[n * r :]
-        if n == 0:
-            return
-        kv, score = kv[: n * r].view(n, r, -1), score[: n * r].view(n, r, -1)
-        prev_kv = prev_score = None
-        if self.overlap:  # block k pools with block k-1; block 0 with the carried one
-            carried_kv, carried_score = self._carried([st], kv)
-            prev_kv, prev_score = torch.cat((carried_kv, kv[:-1])), torch.cat((carried_score, score[:-1]))
-            st.prev_kv, st.prev_score = kv[-1], score[-1]
-        starts = first_pos + r * torch.arange(n)
-        st.entries.append(self._emit(kv, score, prev_kv, prev_score, starts, inv_freq, simulate_quant, st.dtype))
+        self, pool: CompressorPool, slot: int, page_table: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+        pos0: int, inv_freq: torch.Tensor, simulate_quant: bool,
+    ) -> int:  # fmt: skip
+        """Feed one sequence's chunk projections [S, coff*c] at positions pos0...: write the
+        entries of every block the chunk completes, keep the chunk's tail in the ring.
+        Returns the sequence's number of entries after the chunk."""
+        r, ring = self.ratio, pool.ring
+        end = pos0 + kv.shape[0]
+        score = score + self.ape[torch.arange(pos0, end) % r]
+        k0, k1 = pos0 // r, end // r  # blocks k0 .. k1-1 complete in this chunk
+        if k1 > k0:
+            first = (k0 - 1) * r if self.overlap else k0 * r  # first position those blocks read
+            held = torch.arange(max(first, 0), pos0) % ring
+            rows_kv = torch.cat((pool.ring_kv[slot, held], kv))[: k1 * r - max(first, 0)]
+            rows_score = torch.cat((pool.ring_score[slot, held], score))[: k1 * r - max(first, 0)]
+            if first < 0:  # block 0 has no previous block: it pools (0, -inf)
+                rows_kv = torch.cat((torch.zeros_like(rows_kv[:r]), rows_kv))
+                rows_score = torch.cat((torch.full_like(rows_score[:r], float("-inf")), rows_score))
+            rows_kv, rows_score = rows_kv.unflatten(0, (-1, r)), rows_score.unflatten(0, (-1, r))
+            ids = torch.arange(k0, k1)
+            if self.overlap:
+                entries = self._emit(rows_kv[1:], rows_score[1:], rows_kv[:-1], rows_score[:-1], ids * r,
+                                     inv_freq, simulate_quant, pool.dtype)  # fmt: skip
+            else:
+                entries = self._emit(rows_kv, rows_score, None, None, ids * r, inv_freq, simulate_quant, pool.dtype)
+            pool.write(page_table, ids, entries)
+        keep = torch.arange(max(pos0, end - ring), end)
+        pool.ring_kv[slot, keep % ring] = kv[keep - pos0]
+        pool.ring_score[slot, keep % ring] = score[keep - pos0]
+        return k1
 
     def update_rows(
-        self, states: list[CompressorState], kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor,
+        self, pool: CompressorPool, view: StepView, kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor,
         inv_freq: torch.Tensor, simulate_quant: bool,
     ) -> None:  # fmt: skip
         """Decode: one new row per sequence (kv/score [B, coff*c] at `positions` [B]); the
         blocks completed this step are pooled together in one batch."""
-        r = self.ratio
+        r, ring = self.ratio, pool.ring
         score = score + self.ape[positions % r]
-        closing = []
-        for i, st in enumerate(states):
-            st.open_kv = torch.cat((st.open_kv, kv[i : i + 1]))
-            st.open_score = torch.cat((st.open_score, score[i : i + 1]))
-            if st.open_kv.shape[0] == r:
-                closing.append(i)
-        if not closing:
+        pool.ring_kv[view.slots, positions % ring] = kv
+        pool.ring_score[view.slots, positions % ring] = score
+        closing = ((positions + 1) % r == 0).nonzero().squeeze(1)
+        if closing.numel() == 0:
             return
-        done = [states[i] for i in closing]
-        kv = torch.stack([st.open_kv for st in done])  # [m, r, coff*c]
-        score = torch.stack([st.open_score for st in done])
+        last = positions[closing]
+        held = last[:, None] + 1 - ring + torch.arange(ring)  # the positions each closing block reads
+        slots = view.slots[closing, None]
+        rows_kv, rows_score = pool.ring_kv[slots, held % ring], pool.ring_score[slots, held % ring]
         prev_kv = prev_score = None
-        if self.overlap:
-            prev_kv, prev_score = self._carried(done, kv)
-        for j, st in enumerate(done):
-            if self.overlap:
-                st.prev_kv, st.prev_score = kv[j], score[j]
-            st.open_kv, st.open_score = kv[j, :0], score[j, :0]
-        starts = positions[closing] + 1 - r
-        entries = self._emit(kv, score, prev_kv, prev_score, starts, inv_freq, simulate_quant, done[0].dtype)
-        for j, st in enumerate(done):
-            st.entries.append(entries[j : j + 1])
-
-    def _carried(self, states: list[CompressorState], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each state's previous complete block [m, r, 2c]; (0, -inf) where there is none yet."""
-        zeros, ninf = torch.zeros_like(like[0]), torch.full_like(like[0], float("-inf"))
-        kv = torch.stack([zeros if st.prev_kv is None else st.prev_kv for st in states])
-        score = torch.stack([ninf if st.prev_score is None else st.prev_score for st in states])
-        return kv, score
+        if self.overlap:  # [previous block | this block]; block 0's previous block is (0, -inf)
+            before = (held < 0)[..., None]
+            rows_kv = rows_kv.masked_fill(before, 0.0)
+            rows_score = rows_score.masked_fill(before, float("-inf"))
+            prev_kv, prev_score = rows_kv[:, :r], rows_score[:, :r]
+            rows_kv, rows_score = rows_kv[:, r:], rows_score[:, r:]
+        entries = self._emit(rows_kv, rows_score, prev_kv, prev_score, last + 1 - r, inv_freq, simulate_quant,
+                             pool.dtype)  # fmt: skip
+        pool.write(view.page_table[closing], ((last + 1) // r - 1)[:, None], entries)
 
     def _emit(
         self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None, prev_score: torch.Tensor | None,
@@ -192,21 +187,16 @@ class Indexer(nn.Module):
             picked.append(torch.where(visible.gather(1, order), order, -1))
         return torch.cat(picked)
 
-    def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
-        """Decode: q [B, nI, cI], w [B, nI], each row's keys [N_b, cI] -> mask [B, max N_b].
-
-        Every existing key is visible to a decode query; padding never counts."""
-        counts = torch.tensor([k.shape[0] for k in keys])
-        padded = nn.utils.rnn.pad_sequence(keys, batch_first=True).float()  # [B, N, cI]
-        if padded.shape[1] == 0:
-            return torch.zeros(len(keys), 0, dtype=torch.bool)
-        scores = torch.einsum("bhc,bnc->bhn", q.float(), padded).relu_()
+    def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Decode: q [B, nI, cI], w [B, nI], keys [B, N, cI] of which row b has counts[b]
+        -> picked entries [B, k] (-1 = none). Every existing key is visible to a decode query."""
+        n = keys.shape[1]
+        scores = torch.einsum("bhc,bnc->bhn", q.float(), keys.float()).relu_()
         scores = torch.einsum("bhn,bh->bn", scores, w)
-        valid = torch.arange(padded.shape[1])[None, :] < counts[:, None]
+        valid = torch.arange(n)[None, :] < counts[:, None]
         scores = scores.masked_fill(~valid, float("-inf"))
-        k = min(self.topk, padded.shape[1])
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-        return torch.zeros_like(valid).scatter_(1, order, True) & valid
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : min(self.topk, n)]
+        return torch.where(valid.gather(1, order), order, -1)
 
 
 class Attention(nn.Module):
@@ -231,18 +221,12 @@ class Attention(nn.Module):
         self.compressor = Compressor(cfg, self.ratio, hd, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
 
-    def new_state(self, dtype: torch.dtype) -> LayerState:
-        return LayerState(
-            window=torch.empty(0, self.head_dim, dtype=dtype),
-            compressor=self.compressor.new_state(dtype) if self.compressor is not None else None,
-            indexer=self.indexer.compressor.new_state(dtype) if self.indexer is not None else None,
-        )
-
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        seqs: list[SeqSlice], states: list[LayerState], simulate_quant: bool,
+        seqs: list[SeqSlice], pool: LayerPool, view: StepView, simulate_quant: bool,
     ) -> torch.Tensor:  # fmt: skip
-        """x [T, d] (attn_norm output) -> [T, d]. `rope` is (inv_freq, cos [T, rd/2], sin)."""
+        """x [T, d] (attn_norm output) -> [T, d]. `rope` is (inv_freq, cos [T, rd/2], sin);
+        `pool` is this layer's KV tensors, `view` the batch's slots and page tables."""
         inv_freq, cos, sin = rope
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
@@ -255,50 +239,55 @@ class Attention(nn.Module):
         if self.indexer is not None:
             idx_q = self.indexer.queries(x, qr, cos, sin, simulate_quant)
             idx_comp = self.indexer.compressor.project(x)
-        if len(seqs) > 1 and all(sq.end - sq.start == 1 for sq in seqs):
-            out = self._decode(q, kv, positions, comp, idx_q, idx_comp, states, inv_freq, simulate_quant)
+        if seqs and all(sq.end - sq.start == 1 for sq in seqs):
+            out = self._decode(q, kv, positions, comp, idx_q, idx_comp, pool, view, inv_freq, simulate_quant)
             return self._project_out(apply_rope(out, cos, sin, inverse=True))
         out = torch.empty_like(q)
-        for sq, st in zip(seqs, states, strict=True):
-            rows = slice(sq.start, sq.end)
+        ring = pool.window.shape[1]
+        for i, sq in enumerate(seqs):
+            rows, slot, table = slice(sq.start, sq.end), int(view.slots[i]), view.page_table[i]
+            before = pool.window[slot, torch.arange(max(0, sq.pos0 - self.window + 1), sq.pos0) % ring]
             entries, chosen = None, None
             if comp is not None:
-                self.compressor.update(st.compressor, comp[0][rows], comp[1][rows], sq.pos0, inv_freq, simulate_quant)
-                entries = st.compressor.entries.view()
-                chosen = self._compressed_mask(sq, st, positions[rows], idx_q, idx_comp, inv_freq, simulate_quant)
-            out[rows] = self._attend(q[rows], kv[rows], positions[rows], st, entries, chosen)
+                c0, c1 = comp[0][rows], comp[1][rows]
+                n = self.compressor.update(pool.compressor, slot, table, c0, c1, sq.pos0, inv_freq, simulate_quant)
+                entries = pool.compressor.read(table, torch.arange(n))
+                chosen = self._compressed_mask(sq, slot, table, pool, positions[rows], n, idx_q, idx_comp, inv_freq,
+                                               simulate_quant)  # fmt: skip
+            out[rows] = self._attend(q[rows], kv[rows], positions[rows], before, entries, chosen)
+            keep = torch.arange(max(sq.pos0, sq.end - sq.start + sq.pos0 - ring), sq.pos0 + sq.end - sq.start)
+            pool.window[slot, keep % ring] = kv[sq.start + keep - sq.pos0]
         out = apply_rope(out, cos, sin, inverse=True)
         return self._project_out(out)
 
     def _compressed_mask(
-        self, sq: SeqSlice, st: LayerState, positions: torch.Tensor, idx_q, idx_comp, inv_freq, simulate_quant
-    ) -> torch.Tensor:
-        """HCA: [S, N] mask of the visible entries; CSA: [S, k] entries picked by the indexer (-1 = none)."""
-        n = len(st.compressor.entries)
+        self, sq: SeqSlice, slot: int, table: torch.Tensor, pool: LayerPool, positions: torch.Tensor, n: int,
+        idx_q, idx_comp, inv_freq, simulate_quant,
+    ) -> torch.Tensor:  # fmt: skip
+        """HCA: [S, n] mask of the visible entries; CSA: [S, k] entries picked by the indexer (-1 = none)."""
         if self.indexer is None:  # HCA: every complete block so far
             return torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
         rows = slice(sq.start, sq.end)
-        self.indexer.compressor.update(
-            st.indexer, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
+        n_keys = self.indexer.compressor.update(
+            pool.indexer, slot, table, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
         )
-        q, w = idx_q[0][rows], idx_q[1][rows]
-        return self.indexer.select(q, w, st.indexer.entries.view(), positions)
+        keys = pool.indexer.read(table, torch.arange(n_keys))
+        return self.indexer.select(idx_q[0][rows], idx_q[1][rows], keys, positions)
 
     def _attend(
-        self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, st: LayerState,
+        self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
         entries: torch.Tensor | None, chosen: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """One chunk: q [S, H, D], kv [S, D] -> [S, H, D]; one softmax per head with the sink.
+        """One chunk: q [S, H, D], kv [S, D], the window rows before it [lw, D] -> [S, H, D];
+        one softmax per head with the sink.
 
         Queries run in blocks, each against only the window rows it can see (so the cost
         is linear in S) plus its compressed entries: all visible ones on HCA layers
         (`chosen` is a mask [S, N]), the indexer's picks gathered per query on CSA layers
         (`chosen` is [S, k] entry ids, -1 = none).
         """
-        lw, width = st.window.shape[0], self.window
-        keys = torch.cat((st.window, kv))  # row j holds position pos0 - lw + j
-        st.window = keys[-(width - 1) :] if width > 1 else keys[:0]
-        keys = keys.float()
+        lw, width = before.shape[0], self.window
+        keys = torch.cat((before, kv)).float()  # row j holds position pos0 - lw + j
         has_entries = entries is not None and entries.shape[0] > 0
         entries = entries.float() if has_entries else None
         gathered = has_entries and self.indexer is not None
@@ -327,37 +316,34 @@ class Attention(nn.Module):
         return out.to(q.dtype)
 
     def _decode(
-        self, q, kv, positions, comp, idx_q, idx_comp, states: list[LayerState], inv_freq, simulate_quant
+        self, q, kv, positions, comp, idx_q, idx_comp, pool: LayerPool, view: StepView, inv_freq, simulate_quant
     ) -> torch.Tensor:
         """Decode step, one token per sequence, as one batch: q [B, H, D], kv [B, D] -> [B, H, D].
 
-        Each row's keys are [its compressed entries | its window rows | its new row],
-        padded to the longest row; every existing entry is visible to a decode query (an
-        entry exists once its block is complete), CSA rows keep only the indexer's top-k.
+        Each row attends to its window ring (the new row written first) and its compressed
+        entries, gathered through the page tables: all of them on HCA layers, the indexer's
+        top-k on CSA layers. Every existing entry is visible to a decode query (an entry
+        exists once its block is complete); padding is masked.
         """
-        n_entries = torch.zeros(len(states), dtype=torch.int64)
-        chosen = None
+        ring = pool.window.shape[1]
+        pool.window[view.slots, positions % ring] = kv
+        keys = [pool.window[view.slots]]  # [B, ring, D]; row j holds the latest position = j mod ring
+        age = (positions[:, None] - torch.arange(ring)[None, :]) % ring
+        masks = [(age < self.window) & (age <= positions[:, None])]
         if comp is not None:
-            self.compressor.update_rows([st.compressor for st in states], *comp, positions, inv_freq, simulate_quant)
-            n_entries = torch.tensor([len(st.compressor.entries) for st in states])
-            if self.indexer is not None:
-                idx_states = [st.indexer for st in states]
-                self.indexer.compressor.update_rows(idx_states, *idx_comp, positions, inv_freq, simulate_quant)
-                chosen = self.indexer.select_rows(*idx_q, [st.entries.view() for st in idx_states])
-        rows = []
-        for i, st in enumerate(states):
-            window = torch.cat((st.window, kv[i : i + 1]))
-            entries = st.compressor.entries.view() if st.compressor is not None else window[:0]
-            rows.append(torch.cat((entries, window)))
-            st.window = window[-(self.window - 1) :] if self.window > 1 else window[:0]
-        lengths = torch.tensor([r.shape[0] for r in rows])
-        keys = nn.utils.rnn.pad_sequence(rows, batch_first=True).float()  # [B, L, D]
-        slot = torch.arange(keys.shape[1])[None, :]
-        mask = slot < lengths[:, None]
-        if chosen is not None:  # CSA: entries outside the top-k are masked
-            width = min(chosen.shape[1], keys.shape[1])
-            is_entry = slot[:, :width] < n_entries[:, None]
-            mask[:, :width] &= ~is_entry | chosen[:, :width]
+            self.compressor.update_rows(pool.compressor, view, *comp, positions, inv_freq, simulate_quant)
+            counts = (positions + 1) // self.ratio
+            ids = torch.arange(int(counts.max())).expand(len(positions), -1)
+            if self.indexer is None:
+                keys.append(pool.compressor.read(view.page_table, ids))
+                masks.append(ids < counts[:, None])
+            else:
+                self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
+                picked = self.indexer.select_rows(*idx_q, pool.indexer.read(view.page_table, ids), counts)
+                keys.append(pool.compressor.read(view.page_table, picked.clamp(min=0)))
+                masks.append(picked >= 0)
+        mask = torch.cat(masks, dim=1)
+        keys = torch.cat(keys, dim=1).float().masked_fill_(~mask[..., None], 0.0)  # padding may hold stale rows
         logits = torch.einsum("bhd,bld->bhl", q.float(), keys) * self.head_dim**-0.5
         out = torch.einsum("bhl,bld->bhd", self._softmax_with_sink(logits, mask), keys)
         return out.to(q.dtype)

@@ -7,8 +7,8 @@ A page covers `page_size` raw tokens, so it holds page_size/4 CSA entries and
 page_size/128 HCA entries per layer; the fixed part of a request is charged as
 `pages_per_seq` extra pages. Allocation, admission and freeing all speak tokens.
 
-The tensors themselves live in each request's `SeqState` (workers/state.py); this
-manager decides who may grow and enforces the budget.
+The tensors themselves live in the workers' `KVPool`s (workers/kv_pool.py), paged with
+the same page size; this manager decides who may grow and enforces the budget.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class KVCacheManager:
     """Pages of `page_size` raw tokens; each request holds ceil(tokens / page_size) pages
     plus `pages_per_seq` for its fixed state."""
 
-    def __init__(self, layout: KVLayout, num_pages: int, page_size: int = 64) -> None:
+    def __init__(self, layout: KVLayout, num_pages: int, page_size: int = 128) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"KV cache needs num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         self.layout, self.num_pages, self.page_size = layout, num_pages, page_size
@@ -62,7 +62,7 @@ class KVCacheManager:
         self._used = 0
 
     @classmethod
-    def from_bytes(cls, layout: KVLayout, cache_bytes: int, page_size: int = 64) -> KVCacheManager:
+    def from_bytes(cls, layout: KVLayout, cache_bytes: int, page_size: int = 128) -> KVCacheManager:
         pages = int(cache_bytes // max(layout.bytes_per_token * page_size, 1.0))
         return cls(layout, max(pages, 1), page_size)
 

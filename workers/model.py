@@ -4,7 +4,8 @@ Reads in the order of the reference `inference/model.py` (SPEC §2): embed -> n 
 streams -> blocks (mHC around attention and MoE) -> HC head -> final norm -> head.
 
 Unlike the reference (one `start_pos` per batch), every sequence brings its own
-`SeqState` and chunk, so prefill chunks of any size and decode tokens mix in one call.
+`SeqState` (a slot and pages in the model's `KVPool`) and chunk, so prefill chunks of any
+size and decode tokens mix in one call.
 Legend: T tokens in the flat batch, n = hc_mult, d = hidden size.
 """
 
@@ -18,9 +19,9 @@ from torch import nn
 
 from workers.attention import Attention, SeqSlice
 from workers.config import ModelConfig
+from workers.kv_pool import KVPool, LayerPool, SeqState, StepView
 from workers.layers import Linear, RMSNorm, hc_head, hc_post, hc_pre, rope_cos_sin, rope_inv_freq
 from workers.moe import MoE
-from workers.state import SeqState
 
 
 @dataclass(frozen=True)
@@ -70,16 +71,16 @@ class Block(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, base, yarn), persistent=False)
 
     def forward(
-        self, x: torch.Tensor, batch: Batch, states: list, rope: dict, simulate_quant: bool
+        self, x: torch.Tensor, batch: Batch, pool: LayerPool, view: StepView, rope: dict, simulate_quant: bool
     ) -> torch.Tensor:
-        """x [T, n, d] -> [T, n, d]; `states` are this layer's LayerStates, one per sequence."""
+        """x [T, n, d] -> [T, n, d]; `pool` holds this layer's KV, `view` the batch's slots and pages."""
         c = self.cfg
         key = "compress" if self.attn.ratio else "main"
         if key not in rope:
             rope[key] = (self.inv_freq, *rope_cos_sin(self.inv_freq, batch.positions))
         u, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)  # fmt: skip
-        v = self.attn(self.attn_norm(u), batch.positions, rope[key], batch.seqs, states, simulate_quant)
+        v = self.attn(self.attn_norm(u), batch.positions, rope[key], batch.seqs, pool, view, simulate_quant)
         x = hc_post(v, x, post, comb)
         u, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                                c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)  # fmt: skip
@@ -131,22 +132,31 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(
             MTPBlock(cfg, n_main + k, dtype, expert_ids) for k in range(cfg.num_nextn_predict_layers)
         )
+        self.configure_kv()
 
     # -- state ------------------------------------------------------------------------
+    def configure_kv(self, page_size: int = 128, slots: int = 1, pages: int = 1) -> None:
+        """(Re)create the KV pools: pages of `page_size` raw tokens, allocated up front for
+        `slots` sequences and `pages` pages (both grow on demand). Drops every sequence."""
+        self.kv = KVPool([blk.attn for blk in self.layers], self.dtype, page_size)
+        self.kv.reserve(slots, pages)
+        self.mtp_kv = [KVPool([blk.attn], self.dtype, page_size) for blk in self.mtp]
+
     def new_state(self) -> SeqState:
-        return SeqState([blk.attn.new_state(self.dtype) for blk in self.layers])
+        return self.kv.new_seq()
 
     def new_mtp_state(self, k: int = 0) -> SeqState:
-        return SeqState([self.mtp[k].attn.new_state(self.dtype)])
+        return self.mtp_kv[k].new_seq()
 
     # -- forward ----------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
         """Run the chunks; returns the final residual streams [T, n, d] and advances states."""
         x = self.embed(batch.input_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        view = self.kv.view(states, [sq.end - sq.start for sq in batch.seqs])
         rope: dict = {}
-        for i, blk in enumerate(self.layers):
-            x = blk(x, batch, [st.layers[i] for st in states], rope, self.simulate_quant)
+        for blk, pool in zip(self.layers, self.kv.layers, strict=True):
+            x = blk(x, batch, pool, view, rope, self.simulate_quant)
         for sq, st in zip(batch.seqs, states, strict=True):
             st.num_tokens += sq.end - sq.start
         return x
@@ -166,7 +176,8 @@ class Transformer(nn.Module):
         e = blk.enorm(self.embed(next_ids))
         x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(streams))
         mtp_batch = Batch(next_ids.long(), batch.positions, batch.seqs)
-        x = blk(x.to(self.dtype), mtp_batch, [st.layers[0] for st in states], {}, self.simulate_quant)
+        view = self.mtp_kv[k].view(states, [sq.end - sq.start for sq in batch.seqs])
+        x = blk(x.to(self.dtype), mtp_batch, self.mtp_kv[k].layers[0], view, {}, self.simulate_quant)
         for sq, st in zip(batch.seqs, states, strict=True):
             st.num_tokens += sq.end - sq.start
         u = hc_head(x, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.hc_eps, c.rms_norm_eps)

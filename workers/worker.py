@@ -9,17 +9,23 @@ from __future__ import annotations
 import torch
 
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
+from router.stats import LayerStats
+from workers.ep import count_routing
+from workers.kv_pool import SeqState
 from workers.model import Batch, Transformer
 from workers.sampler import SamplingBatch, sample
-from workers.state import SeqState
 
 
 class ModelWorker:
     """`lockstep`: run the layers even for an empty plan, because peers wait for this
-    worker in the MoE collectives (expert parallelism)."""
+    worker in the MoE collectives (expert parallelism). `page_size`: raw tokens per page
+    of the model's KV pool (the engine's page size, so both count the same pages)."""
 
-    def __init__(self, model: Transformer, lockstep: bool = False) -> None:
+    def __init__(self, model: Transformer, lockstep: bool = False, page_size: int | None = None) -> None:
         self.model = model
+        if page_size is not None and page_size != model.kv.page_size:
+            model.configure_kv(page_size)
+        count_routing(model)  # tokens per expert (expert-parallel layers record their traffic too)
         self.lockstep = lockstep
         self.states: dict[str, SeqState] = {}  # uid -> model state
         self.params: dict[str, SamplingParams] = {}  # uid -> sampling params
@@ -73,12 +79,18 @@ class ModelWorker:
         return StepResult(tokens=out_tokens, logprobs=logprobs)
 
     def release(self, uid: str) -> None:
-        self.states.pop(uid, None)
+        st = self.states.pop(uid, None)
+        if st is not None:
+            st.free()
         self.params.pop(uid, None)
         self.seeds.pop(uid, None)
 
     def num_states(self) -> int:
         return len(self.states)
+
+    def routing_window(self) -> dict[int, LayerStats]:
+        """Per-layer routing and all-to-all stats since the previous call."""
+        return self.model.dispatch_stats.snapshot()
 
 
 def _fresh_seed() -> int:

@@ -26,7 +26,7 @@ def tokenizer():
     return load_tokenizer()
 
 
-def make_engine(model, tokenizer, num_pages=4096, page_size=64, worker=None, **cfg) -> Engine:
+def make_engine(model, tokenizer, num_pages=4096, page_size=128, worker=None, **cfg) -> Engine:
     kv = KVCacheManager(KVLayout.for_model(model.cfg, 4), num_pages=num_pages, page_size=page_size)
     return Engine(worker or ModelWorker(model), tokenizer, kv, EngineConfig(**cfg)).start()
 
@@ -114,7 +114,8 @@ def test_preemption_recomputes_without_a_wrong_token(model, tokenizer):
     roomy = make_engine(model, tokenizer)
     ref = run(roomy, reqs)
     roomy.stop()
-    # 16-token pages; room for the four prompts and a little more, not for their decodes
+    # 16-token pages in the accounting (the worker's pool keeps its 128-token pages; only
+    # the manager decides who may grow): room for the four prompts, not for their decodes
     probe = make_engine(model, tokenizer, page_size=16)
     pages = sum(probe.kv.pages_for(len(p) + 1) for p in ps) + 4
     assert sum(probe.kv.pages_for(len(p) + 40) for p in ps) > pages

@@ -268,7 +268,7 @@ def test_model_and_server_info(server, tiny_checkpoint):
     assert info.architecture == "DeepseekV4ForCausalLM" and info.tokenizer_path.endswith("tokenizer.json")
     srv = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert srv.backend == "inprocess" and not srv.draining and len(srv.pools) == 1
-    assert srv.load.kv_pages_total > 0 and srv.load.page_size == 64
+    assert srv.load.kv_pages_total > 0 and srv.load.page_size == 128
 
 
 def test_reflection_lists_the_services(server):

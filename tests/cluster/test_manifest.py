@@ -20,7 +20,7 @@ def test_defaults():
         0, "inprocess", "tiny-seed0", "auto", True
     )  # fmt: skip
     s = m.scheduler
-    assert (s.max_batch_tokens, s.max_running, s.max_waiting, s.page_size) == (512, 64, 1024, 64)
+    assert (s.max_batch_tokens, s.max_running, s.max_waiting, s.page_size) == (512, 64, 1024, 128)
     assert s.kv_bytes == 2 << 30
     assert (m.gateway.host, m.gateway.port, m.gateway.metrics_port) == ("127.0.0.1", 50051, None)
 
@@ -45,6 +45,12 @@ def test_topology_refused_before_start(tiny_checkpoint):
     check_topology(parse_manifest({"instance": {"workers": 4}}), tiny_checkpoint)  # 8 experts / 4
     with pytest.raises(ManifestError, match=r"instance\.workers: 8 routed experts cannot be split evenly over 3"):
         check_topology(parse_manifest({"instance": {"workers": 3}}), tiny_checkpoint)
+    with pytest.raises(ManifestError, match=r"pools\.colocated\.workers: 8 routed experts .* over 16"):
+        check_topology(parse_manifest({"pools": {"colocated": {"instances": 2, "workers": 16}}}), tiny_checkpoint)
+    with pytest.raises(ManifestError, match=r"pools\.prefill\.role: prefill/decode pools .* not served yet"):
+        check_topology(parse_manifest({"pools": {"prefill": {}, "decode": {}}}), tiny_checkpoint)
+    with pytest.raises(ManifestError, match=r"scheduler\.page_size: must be a multiple of 128 .* got 64"):
+        check_topology(parse_manifest({"scheduler": {"page_size": 64}}), tiny_checkpoint)
 
 
 def test_full_manifest(tmp_path):
@@ -73,7 +79,7 @@ def test_kv_cache_gib():
 
 ERRORS = [
     ({"schedular": {}},
-     "schedular: unknown key; known keys: version, model, backend, instance, ray, scheduler, gateway"),
+     "schedular: unknown key; known keys: version, model, backend, instance, pools, ray, scheduler, gateway"),
     ({"scheduler": {"max_batch_tokens": 0}}, "scheduler.max_batch_tokens: must be >= 1, got 0"),
     ({"scheduler": {"max_batch_tokens": "many"}}, "scheduler.max_batch_tokens: must be an integer, got 'many'"),
     ({"scheduler": {"max_running": True}}, "scheduler.max_running: must be an integer, got True"),
@@ -107,7 +113,38 @@ ERRORS = [
     ({"gateway": {"host": 5}}, "gateway.host: must be a non-empty string, got 5"),
     ({"gateway": {"tls": True}}, "gateway.tls: unknown key; known keys: host, port, metrics_port"),
     ([1, 2], "must be a mapping, got list"),
+    ({"pools": {"fast": {"workers": 2}}}, "pools.fast.role: missing; one of colocated, prefill, decode"),
+    ({"pools": {"prefill": {}}}, "pools: prefill and decode pools come together"),
+    ({"pools": {"colocated": {}, "decode": {}}}, "pools: a colocated pool serves alone"),
+    ({"pools": {"colocated": {"instances": 0}}}, "pools.colocated.instances: must be >= 1, got 0"),
+    ({"pools": {"colocated": {"gpus": 1}}}, "pools.colocated.gpus: unknown key"),
+    ({"backend": "ray", "pools": {"decode": {"resources": {"GPU": 1}}, "prefill": {}}},
+     "pools.decode.resources.GPU: use num_cpus / num_gpus"),
+    ({"backend": "ray", "pools": {"prefill": {"num_gpus": -1}, "decode": {}}},
+     "pools.prefill.num_gpus: must be a number >= 0, got -1"),
+    ({"pools": {"colocated": {"communicator": "gloo"}}},
+     "pools.colocated.communicator: the inprocess backend uses local, got 'gloo'"),
+    ({"pools": {"colocated": {"resources": {"node_a": 1}}}},
+     "pools.colocated.resources: num_gpus and resources place Ray actors"),
+    ({"instance": {"workers": 2}, "pools": {"colocated": {}}}, "pools: give pools or instance, not both"),
+    ({"pools": []}, "pools: must be a non-empty mapping"),
 ]
+
+
+def test_pools_and_the_instance_shorthand():
+    one = parse_manifest({"instance": {"workers": 2}})
+    assert [(p.name, p.role, p.instances, p.workers) for p in one.pools] == [("colocated", "colocated", 1, 2)]
+    assert one.pool_path(one.pools[0]) == "instance"
+    raw = {"backend": "ray", "pools": {
+        "prefill": {"instances": 2, "workers": 8, "num_gpus": 1, "resources": {"prefill": 1}},
+        "decoders": {"role": "decode", "workers": 16, "num_gpus": 1, "communicator": "nccl"}}}  # fmt: skip
+    m = parse_manifest(raw)
+    pre, dec = m.pools
+    assert (pre.name, pre.role, pre.instances, pre.workers, pre.num_gpus, pre.resources) == (
+        "prefill", "prefill", 2, 8, 1.0, (("prefill", 1.0),))  # fmt: skip
+    assert (dec.name, dec.role) == ("decoders", "decode")
+    assert (m.communicator_of(dec), m.communicator_of(pre)) == ("nccl", "gloo")
+    assert m.pool_path(dec) == "pools.decoders"
 
 
 @pytest.mark.parametrize(("raw", "message"), ERRORS, ids=[m.split(":")[0] or "top" for _, m in ERRORS])

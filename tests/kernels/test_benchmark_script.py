@@ -31,4 +31,4 @@ def test_smoke_checks_every_case() -> None:
     done = _run("--smoke")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
-    assert len(rows) == 14 and all(" ok " in line for line in rows), done.stdout
+    assert len(rows) == 17 and all(" ok " in line for line in rows), done.stdout

@@ -1,6 +1,7 @@
-"""Every kernel, as its launcher calls it at V4-Flash decode shapes with bf16 inputs, goes through
-Triton's real compiler front end and GPU layout passes (to TTGIR, for sm_90) on a machine without a
-GPU: the interpreter never sees type and shape errors that only compiled mode raises."""
+"""Every kernel, as its launcher calls it at V4-Flash decode shapes with bf16 inputs (fp32 where the
+model computes in fp32), goes through Triton's real compiler front end and GPU layout passes (to TTGIR,
+for sm_90) on a machine without a GPU: the interpreter never sees type and shape errors that only
+compiled mode raises."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def _launches() -> dict[str, Any]:
     """name -> a launcher call on meta tensors (nothing runs; the launch is captured)."""
     bf = {"device": META, "dtype": torch.bfloat16}
     u8 = {"device": META, "dtype": torch.uint8}
+    rows_csa = (torch.empty(64, 8, 1024, device=META), torch.empty(64, 8, 1024, device=META))  # ring gathers
     return {
         "sparse_attention": lambda: kernels.sparse_attention_triton(
             torch.empty(64, 64, 512, **bf), torch.empty(4096, 512, **bf),
@@ -43,6 +45,12 @@ def _launches() -> dict[str, Any]:
         "fp8_gemm fp32 scales": lambda: kernels.fp8_gemm_triton(
             torch.empty(64, 4096, **bf), torch.empty(1024, 4096, dtype=torch.float8_e4m3fn, device=META),
             torch.empty(8, 32, device=META),
+        ),
+        "compressor_pool csa": lambda: kernels.compressor_pool_triton(
+            *(t[:, 4:] for t in rows_csa), *(t[:, :4] for t in rows_csa)
+        ),
+        "compressor_pool hca": lambda: kernels.compressor_pool_triton(
+            torch.empty(64, 128, 512, device=META), torch.empty(64, 128, 512, device=META)
         ),
         "sinkhorn": lambda: kernels.sinkhorn_triton(torch.empty(64, 4, 4, device=META), 20, 1e-6),
         "rmsnorm_rope q": lambda: kernels.rmsnorm_rope_triton(

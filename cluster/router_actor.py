@@ -1,0 +1,129 @@
+"""The control plane over a pool's engine instances (DESIGN §4): admission and placement of
+requests by load, retry on a healthy instance, and the pool's combined load.
+
+To the gateway it looks like one engine (`submit`, `abort`, `load`, ...). Each new request
+goes to the instance with the lowest load score: running + waiting requests over the
+instance's batch size, plus the fraction of its KV pages in use. A request whose instance
+lost its workers before the request produced a token is resubmitted once to another
+instance; one that already streamed tokens ends UNAVAILABLE (its client saw text that a
+recompute elsewhere would repeat).
+
+It runs in the gateway's process beside the instances' engine loops (the workers are the
+Ray actors); with one instance it is a pass-through.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from cluster.engine import Engine, Sink
+from cluster.messages import EngineUnavailableError, GenerateRequest, RequestOutput
+from router.stats import merge
+
+log = logging.getLogger("dsv4.router")
+
+
+@dataclass
+class _Placed:
+    instance: int
+    request: GenerateRequest
+    sink: Sink
+    streamed: bool = False
+    retried: bool = False
+
+
+class InstanceRouter:
+    """Places requests over `engines` (instances of one colocated pool) by load."""
+
+    def __init__(self, engines: list[Engine], pool: str = "colocated") -> None:
+        if not engines:
+            raise ValueError("a pool needs at least one instance")
+        self.engines, self.pool = engines, pool
+        first = engines[0]
+        self.tokenizer, self.vocab_size, self.eos_id, self.config = (
+            first.tokenizer, first.vocab_size, first.eos_id, first.config
+        )  # fmt: skip
+        self._placed: dict[str, _Placed] = {}
+        self._lock = threading.Lock()
+        self.retries = 0
+
+    @property
+    def model_config(self):
+        return self.engines[0].model_config
+
+    @property
+    def page_size(self) -> int:
+        return self.engines[0].page_size
+
+    # -- placement ------------------------------------------------------------------------
+    def score(self, i: int) -> float:
+        """Lower is emptier: requests per batch slot plus the KV fraction in use."""
+        engine, load = self.engines[i], self.engines[i].load()
+        busy = (load["running"] + load["waiting"]) / max(1, engine.config.max_running)
+        return busy + load["kv_pages_used"] / max(1, load["kv_pages_total"])
+
+    def _pick(self, exclude: int | None = None) -> int:
+        candidates = [i for i in range(len(self.engines)) if i != exclude]
+        return min(candidates, key=lambda i: (self.score(i), i))
+
+    def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        """Queue `request` on the emptiest instance; errors as Engine.submit."""
+        placed = _Placed(self._pick(), request, sink)
+        with self._lock:
+            self._placed[request.uid] = placed
+        try:
+            self.engines[placed.instance].submit(request, lambda out: self._on_output(placed, out))
+        except BaseException:
+            with self._lock:
+                self._placed.pop(request.uid, None)
+            raise
+
+    def _on_output(self, placed: _Placed, out: RequestOutput) -> None:
+        uid = placed.request.uid
+        if out.unavailable and not placed.streamed and not placed.retried and len(self.engines) > 1:
+            placed.retried, placed.instance = True, self._pick(exclude=placed.instance)
+            try:
+                self.engines[placed.instance].submit(placed.request, lambda o: self._on_output(placed, o))
+                self.retries += 1
+                log.warning("%s: instance lost its workers; retried on instance %d", uid, placed.instance)
+                return
+            except EngineUnavailableError as e:  # the other instance cannot take it either
+                log.error("%s: retry failed: %s", uid, e)
+        placed.streamed = placed.streamed or bool(out.token_ids)
+        if out.finish_reason is not None:
+            with self._lock:
+                self._placed.pop(uid, None)
+        placed.sink(out)
+
+    def abort(self, uid: str) -> bool:
+        with self._lock:
+            placed = self._placed.get(uid)
+        return placed is not None and self.engines[placed.instance].abort(uid)
+
+    # -- the pool -----------------------------------------------------------------------------
+    def load(self) -> dict[str, int]:
+        """The instances' loads summed, plus `instances`."""
+        total: dict[str, int] = {"instances": len(self.engines)}
+        for engine in self.engines:
+            for key, value in engine.load().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def routing_window(self):
+        """Every instance's routing stats since the previous call, summed (the EPLB input)."""
+        return merge(engine.routing_window() for engine in self.engines)
+
+    def instance_loads(self) -> list[dict[str, int]]:
+        return [engine.load() for engine in self.engines]
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        return all(engine.wait_idle(timeout) for engine in self.engines)
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        threads = [threading.Thread(target=e.stop, args=(drain, timeout)) for e in self.engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()

@@ -1,0 +1,184 @@
+"""The physical KV pool of DeepSeek-V4's state (DESIGN §5): one set of tensors per layer
+shared by every sequence, addressed through slots and page tables.
+
+Per sequence and layer V4 keeps two kinds of state:
+
+- fixed-size state, one *slot* per sequence: the sliding-window ring (the last `window`
+  raw KV rows, row of position p at p % window) and the compressors' rings (the last
+  `coff * ratio` projected rows and gate scores in fp32, row of position p at p % ring;
+  with overlap (ratio 4) the ring holds the previous block too, whose first half the next
+  entry pools);
+- state that grows with the context, in *pages* of `page_size` raw tokens: a page holds
+  page_size/4 compressed entries and indexer keys on CSA layers and page_size/128 entries
+  on HCA layers. Entry j of a sequence lives at row page_table[j // epp] * epp + j % epp
+  of the layer's entry tensor (epp = entries per page).
+
+A sequence's pages are shared by all layers (each layer has its own tensors, indexed by
+the same page ids), so allocation speaks raw tokens. Capacity grows by doubling when a
+worker was not given its size up front; the engine's `KVCacheManager` decides who may
+grow, this pool only stores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVPoolError(RuntimeError):
+    """The pool was asked for something it cannot do (a page size that does not divide)."""
+
+
+@dataclass
+class SeqState:
+    """One sequence's handle into a pool; `num_tokens` is the next token's position."""
+
+    pool: KVPool
+    slot: int
+    pages: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+    def free(self) -> None:
+        self.pool.release(self)
+
+
+@dataclass(frozen=True)
+class StepView:
+    """The batch's addresses for one forward: slot [B] and page table [B, max pages] tensors
+    (padded with page 0, always a valid page, so padded lookups stay in bounds)."""
+
+    slots: torch.Tensor
+    page_table: torch.Tensor
+
+
+class CompressorPool:
+    """One compressor's tensors for every sequence of a layer."""
+
+    def __init__(self, ratio: int, width: int, proj_width: int, dtype: torch.dtype, page_size: int) -> None:
+        if page_size % ratio:
+            raise KVPoolError(f"page_size {page_size} is not a multiple of compress ratio {ratio}")
+        self.ratio, self.width, self.dtype = ratio, width, dtype
+        self.overlap = ratio == 4
+        self.ring = (2 if self.overlap else 1) * ratio
+        self.epp = page_size // ratio  # entries per page
+        self.ring_kv = torch.empty(0, self.ring, proj_width, dtype=torch.float32)
+        self.ring_score = torch.empty(0, self.ring, proj_width, dtype=torch.float32)
+        self.entries = torch.empty(0, width, dtype=dtype)
+
+    def resize(self, slots: int, pages: int) -> None:
+        self.ring_kv = _grown(self.ring_kv, slots)
+        self.ring_score = _grown(self.ring_score, slots)
+        self.entries = _grown(self.entries, pages * self.epp)
+
+    def rows(self, page_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Flat rows of entries `ids` [..., n] given page tables [..., max pages] (same leading dims)."""
+        return page_table.gather(-1, ids // self.epp) * self.epp + ids % self.epp
+
+    def write(self, page_table: torch.Tensor, ids: torch.Tensor, entries: torch.Tensor) -> None:
+        self.entries[self.rows(page_table, ids).reshape(-1)] = entries.reshape(-1, self.width).to(self.dtype)
+
+    def read(self, page_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.entries[self.rows(page_table, ids)]
+
+
+class LayerPool:
+    """One attention layer's tensors: the window ring and its compressors' pools."""
+
+    def __init__(self, attn, dtype: torch.dtype, page_size: int) -> None:
+        self.window_size = attn.window
+        self.window = torch.empty(0, max(attn.window, 1), attn.head_dim, dtype=dtype)
+        self.compressor = self.indexer = None
+        if attn.compressor is not None:
+            c = attn.compressor
+            self.compressor = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size)
+        if attn.indexer is not None:
+            c = attn.indexer.compressor
+            self.indexer = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size)
+
+    def resize(self, slots: int, pages: int) -> None:
+        self.window = _grown(self.window, slots)
+        for comp in (self.compressor, self.indexer):
+            if comp is not None:
+                comp.resize(slots, pages)
+
+
+class KVPool:
+    """Slots and pages for a list of attention layers (the main model, or one MTP block)."""
+
+    def __init__(self, attns: list, dtype: torch.dtype, page_size: int = 128) -> None:
+        self.page_size = page_size
+        self.layers = [LayerPool(a, dtype, page_size) for a in attns]
+        self._slot_cap = self._page_cap = 0
+        self._free_slots: list[int] = []
+        self._free_pages: list[int] = []
+        self.reserve(slots=1, pages=1)  # page 0 exists, so padded page-table lookups stay in bounds
+
+    # -- capacity ---------------------------------------------------------------------
+    def reserve(self, slots: int, pages: int) -> None:
+        """Make room for at least this many slots and pages (allocating now, not on demand)."""
+        slots, pages = max(slots, self._slot_cap), max(pages, self._page_cap)
+        if (slots, pages) == (self._slot_cap, self._page_cap):
+            return
+        for layer in self.layers:
+            layer.resize(slots, pages)
+        self._free_slots += range(slots - 1, self._slot_cap - 1, -1)
+        self._free_pages += range(pages - 1, self._page_cap - 1, -1)
+        self._slot_cap, self._page_cap = slots, pages
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(slots, pages) allocated."""
+        return self._slot_cap, self._page_cap
+
+    @property
+    def used_pages(self) -> int:
+        return self._page_cap - len(self._free_pages)
+
+    @property
+    def used_slots(self) -> int:
+        return self._slot_cap - len(self._free_slots)
+
+    # -- sequences --------------------------------------------------------------------
+    def new_seq(self) -> SeqState:
+        if not self._free_slots:
+            self.reserve(2 * self._slot_cap, self._page_cap)
+        return SeqState(self, self._free_slots.pop())
+
+    def grow(self, st: SeqState, num_tokens: int) -> None:
+        """Give `st` the pages for its first `num_tokens` raw tokens."""
+        need = math.ceil(num_tokens / self.page_size) - len(st.pages)
+        if need > len(self._free_pages):
+            self.reserve(self._slot_cap, max(2 * self._page_cap, self.used_pages + need))
+        for _ in range(need):
+            st.pages.append(self._free_pages.pop())
+
+    def release(self, st: SeqState) -> None:
+        """Return the sequence's slot and pages (idempotent)."""
+        if st.slot < 0:
+            return
+        self._free_pages += reversed(st.pages)
+        self._free_slots.append(st.slot)
+        st.pages, st.slot = [], -1
+
+    def view(self, states: list[SeqState], chunk_lens: list[int]) -> StepView:
+        """Grow every sequence for its chunk and return the batch's slots and page tables."""
+        for st, n in zip(states, chunk_lens, strict=True):
+            if st.pool is not self or st.slot < 0:
+                raise KVPoolError("sequence state does not belong to this pool (or was released)")
+            self.grow(st, st.num_tokens + n)
+        width = max((len(st.pages) for st in states), default=0)
+        table = [st.pages + [0] * (width - len(st.pages)) for st in states]
+        table = torch.tensor(table, dtype=torch.int64) if width else torch.zeros(len(states), 1, dtype=torch.int64)
+        return StepView(torch.tensor([st.slot for st in states], dtype=torch.int64), table)
+
+
+def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with at least `rows` rows along dim 0 (existing rows kept, new ones zero: a batched
+    read gathers padding rows and masks them, and a masked 0 * NaN would still be NaN)."""
+    if t.shape[0] >= rows:
+        return t
+    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    out[: t.shape[0]] = t
+    return out
