@@ -10,6 +10,8 @@ import torch
 from workers.quant import (
     dequant_fp4_weight,
     dequant_fp8_weight,
+    e2m1_code,
+    e2m1_value,
     e8m0_from_exponent,
     e8m0_to_float,
     float_to_e8m0,
@@ -81,6 +83,16 @@ def test_pack_nibble_order_by_hand() -> None:
 def test_round_e2m1_ties_to_even(x: float, want: float) -> None:
     assert round_e2m1(torch.tensor([x])).item() == want
     assert unpack_fp4(pack_fp4(torch.tensor([x, -x]))).tolist() == [want, -want]
+
+
+def test_round_e2m1_arithmetic_form_equals_the_code_table() -> None:
+    """round_e2m1 (arithmetic, the hot path) against e2m1_value(e2m1_code(x)) (the midpoint
+    table): a dense grid, every midpoint and its float32 neighbours, both signs."""
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 2.0, 4.0, 6.0])
+    near = torch.cat((mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)))
+    x = torch.cat((torch.linspace(0, 7, 70001), near, torch.tensor([1e-30, 1e30])))
+    x = torch.cat((x, -x))
+    assert torch.equal(round_e2m1(x), e2m1_value(e2m1_code(x)))
 
 
 def test_pack_unpack_roundtrip_exact_on_representable_values() -> None:
