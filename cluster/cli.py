@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from cluster import cmd_bench, cmd_model, cmd_serve
+from cluster import cmd_bench, cmd_deploy, cmd_model, cmd_ops, cmd_serve
 from workers.config import ModelConfigError
 from workers.errors import CheckpointError
 
@@ -16,6 +16,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     ModelConfigError,
     *cmd_serve.USER_ERRORS,
+    *cmd_deploy.USER_ERRORS,
+    *cmd_ops.USER_ERRORS,
 )
 
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_model.add_parsers(sub)
     cmd_serve.add_parsers(sub)
     cmd_bench.add_parsers(sub)
+    cmd_deploy.add_parsers(sub)
+    cmd_ops.add_parsers(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Protocol
@@ -149,6 +149,8 @@ class Gateway:
     # -- submitting -------------------------------------------------------------------------
     def submit(self, uid: str, prompt_ids: tuple[int, ...], params: SamplingParams) -> RequestStream:
         """Queue a request on the engine; GatewayError if it is refused. Call from the event loop."""
+        if self.draining:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         stream = RequestStream(self, uid or uuid.uuid4().hex, asyncio.get_running_loop())
         try:
             self.engine.submit(GenerateRequest(stream.uid, prompt_ids, params), stream.sink)
@@ -250,9 +252,9 @@ class Gateway:
             tokenizer_vocab_size=VOCAB_SIZE,
         )
 
-    def server_info(self) -> Any:
+    def load(self) -> Any:
         raw = self.engine.load()
-        load = pb.Load(
+        return pb.Load(
             running=raw.get("running", 0),
             waiting=raw.get("waiting", 0),
             kv_pages_used=raw.get("kv_pages_used", 0),
@@ -260,6 +262,9 @@ class Gateway:
             kv_pages_total=raw.get("kv_pages_total", 0),
             page_size=self.info.page_size,
         )
+
+    def server_info(self) -> Any:
+        load = self.load()
         pool = pb.PoolInfo(name=self.info.backend, role="mixed", num_instances=1, load=load)
         return pb.ServerInfo(
             backend=self.info.backend,
@@ -268,14 +273,34 @@ class Gateway:
             uptime_s=time.monotonic() - self.started,
             load=load,
             pools=[pool],
+            totals=_totals(self.metrics),
         )
+
+    def drain(self) -> Any:
+        """Stop admitting new requests; the running and waiting ones finish."""
+        was_draining, self.draining = self.draining, True
+        if not was_draining:
+            log.info("draining: new requests get UNAVAILABLE; running requests finish")
+        return pb.DrainResponse(was_draining=was_draining, load=self.load())
+
+
+def _totals(metrics: GatewayMetrics) -> Any:
+    """The gateway's Prometheus counters as a Totals message."""
+    reg = metrics.registry
+    finished = sum(s.value for m in metrics.requests.collect() for s in m.samples if s.name.endswith("_total"))
+    return pb.Totals(
+        requests_finished=int(finished),
+        prompt_tokens=int(reg.get_sample_value("dsv4_prompt_tokens_total") or 0),
+        completion_tokens=int(reg.get_sample_value("dsv4_generation_tokens_total") or 0),
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """grpc.aio handlers: GatewayError -> status, streams closed (and aborted) on every exit."""
+    """grpc.aio handlers: GatewayError -> status, streams closed (and aborted) on every exit.
+    `on_drain` runs after a Drain call (the server sets health NOT_SERVING there)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, gateway: Gateway, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.gateway, self.on_drain = gateway, on_drain
 
     async def Chat(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
@@ -321,6 +346,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.gateway.server_info()
 
+    async def Drain(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        response = self.gateway.drain()
+        if self.on_drain is not None:
+            await self.on_drain()
+        return response
+
 
 @dataclass
 class RunningServer:
@@ -340,8 +371,13 @@ class RunningServer:
 async def start_server(gateway: Gateway, host: str = "127.0.0.1", port: int = 50051) -> RunningServer:
     """Start Inference + health + reflection on host:port; health says SERVING once started."""
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(gateway), server)
     health_servicer = health.aio.HealthServicer()
+
+    async def not_serving() -> None:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(gateway, not_serving), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

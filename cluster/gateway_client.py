@@ -125,3 +125,25 @@ def chat_remote(target: str, request: Any, printer: ChatPrinter, timeout: float 
                     f"cannot reach a dsv4 gateway at {target} ({details}); is `dsv4 serve` running there?"
                 ) from None
             raise ChatClientError(f"the gateway at {target} answered {code.name}: {details}") from None
+
+
+# -- operations ----------------------------------------------------------------------------
+def _unary(target: str, method: str, request: Any, timeout: float) -> Any:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return getattr(pb_grpc.InferenceStub(channel), method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ChatClientError(f"cannot reach a dsv4 gateway at {target} ({details})") from None
+            raise ChatClientError(f"the gateway at {target} answered {code.name}: {details}") from None
+
+
+def server_info(target: str, timeout: float = 10.0) -> Any:
+    """GetServerInfo from the gateway at `target`; ChatClientError if unreachable."""
+    return _unary(target, "GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+
+def drain(target: str, timeout: float = 10.0) -> Any:
+    """Ask the gateway at `target` to stop admitting requests; returns the DrainResponse."""
+    return _unary(target, "Drain", pb.DrainRequest(), timeout)
