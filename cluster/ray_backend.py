@@ -97,6 +97,7 @@ class RayWorkerGroup:
         self.page_size = page_size
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
+        self.held: dict[str, int] = {}  # uid -> tokens in its state
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class RayWorkerGroup:
         ]  # fmt: skip
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
         self.owner.clear()
+        self.held.clear()
         log.info("ray instance up: %d workers in %.1fs", self.world_size, time.perf_counter() - t0)
 
     def stop(self) -> None:
@@ -165,7 +167,7 @@ class RayWorkerGroup:
 
         from cluster.worker_group import assign_owners, merge_results, split_plan
 
-        assign_owners(self.owner, plan, self.world_size)
+        assign_owners(self.owner, plan, self.world_size, self.held, self.page_size)
         plans = split_plan(self.owner, plan, self.world_size)
         for uid in plan.finished:
             self.owner.pop(uid, None)

@@ -40,6 +40,8 @@ class LocalWorkerGroup:
             self.workers.append(ModelWorker(model, lockstep=True, page_size=page_size))
         self.placement = placement
         self.owner: dict[str, int] = {}  # uid -> rank holding its state
+        self.held: dict[str, int] = {}  # uid -> tokens in its state (placement by KV load)
+        self.page_size = page_size
 
     @property
     def model(self):
@@ -52,7 +54,7 @@ class LocalWorkerGroup:
         return merge(w.routing_window() for w in self.workers)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        assign_owners(self.owner, plan, len(self.workers))
+        assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size)
         plans = split_plan(self.owner, plan, len(self.workers))
         for uid in plan.finished:
             self.owner.pop(uid, None)
@@ -78,16 +80,23 @@ class LocalWorkerGroup:
         return merge_results(results)
 
 
-def assign_owners(owner: dict[str, int], plan: StepPlan, world_size: int) -> None:
-    """A request seen for the first time goes to the rank holding the fewest requests."""
-    loads = [0] * world_size
-    for rank in owner.values():
-        loads[rank] += 1
+def assign_owners(owner: dict[str, int], plan: StepPlan, world_size: int, held: dict[str, int], page: int) -> None:
+    """A request seen for the first time goes to the least loaded rank: the fewest KV pages
+    held (`held`: uid -> tokens in its state, kept up to date here), then the fewest requests."""
+    pages, count = [0] * world_size, [0] * world_size
+    for uid, rank in owner.items():
+        pages[rank] += -(-held.get(uid, 0) // page)
+        count[rank] += 1
     for w in plan.work:
+        end = w.pos0 + len(w.token_ids)
         if w.uid not in owner:
-            rank = loads.index(min(loads))
+            rank = min(range(world_size), key=lambda r: (pages[r], count[r], r))
             owner[w.uid] = rank
-            loads[rank] += 1
+            pages[rank] += -(-end // page)
+            count[rank] += 1
+        held[w.uid] = end
+    for uid in plan.finished:
+        held.pop(uid, None)
 
 
 def split_plan(owner: dict[str, int], plan: StepPlan, world_size: int) -> list[StepPlan]:

@@ -97,6 +97,7 @@ class CheckpointReader:
         self._scale_of = self._find_scales()  # weight key -> its scale key
         self._hidden = set(self._scale_of.values())
         self._names = [k for k in self._files if k not in self._hidden]
+        self.bytes_read = 0  # stored bytes (weights + scales) read from the files so far
 
     def _read_layout(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
@@ -197,10 +198,10 @@ class CheckpointReader:
         if tuple(logical) != shape:
             raise CheckpointError(f"tensor {name} in {file}: shape {tuple(logical)} != expected {shape}")
         if kind == "cast":
-            return _cast(_read(fh, file, name), target, name, file)
+            return _cast(self._read(fh, file, name), target, name, file)
         assert scale_key is not None
         scale = self._read_scale(fh, file, scale_key, kind, shape)
-        data = _read(fh, file, name)
+        data = self._read(fh, file, name)
         if kind == "fp8":
             return dequant_fp8_weight(data, scale).to(target)
         return dequant_fp4_weight(data, scale).to(target)
@@ -226,7 +227,12 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {key} in {file}: unsupported {kind} scale dtype {stored}")
         if stored_shape != want:
             raise CheckpointError(f"tensor {key} in {file}: {kind} scale shape {stored_shape} != {want}")
-        return _read(fh, file, key)
+        return self._read(fh, file, key)
+
+    def _read(self, fh: Any, file: Path, name: str) -> torch.Tensor:
+        t = _read(fh, file, name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
 
 def _header(fh: Any, file: Path, name: str) -> tuple[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ same name in both.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from workers.checkpoint import CheckpointError, CheckpointReader
 from workers.config import ModelConfig
 from workers.model import Transformer
+
+log = logging.getLogger("dsv4.weights")
 
 _STACKED = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
@@ -42,8 +45,9 @@ def expected_tensors(model: Transformer) -> dict[str, tuple[tuple[int, ...], tor
     return {name: (tuple(t.shape), t.dtype) for name, t in model_tensors(model).items()}
 
 
-def load_weights(model: Transformer, path: str | Path, *, progress: bool = True) -> None:
-    """Fill `model` from a checkpoint directory (only the experts the model holds are read)."""
+def load_weights(model: Transformer, path: str | Path, *, progress: bool = True) -> int:
+    """Fill `model` from a checkpoint directory (only the experts the model holds are read);
+    returns the bytes read from the files (also logged, and kept as `model.checkpoint_bytes_read`)."""
     reader = CheckpointReader(path)
     targets = model_tensors(model)
 
@@ -57,6 +61,11 @@ def load_weights(model: Transformer, path: str | Path, *, progress: bool = True)
             if name.endswith("tid2eid"):
                 _check_tid2eid(value, cfg, reader.file_of(name), name)
             targets[name].copy_(value)
+    model.checkpoint_bytes_read = reader.bytes_read
+    held = model.layers[0].ffn.experts.expert_ids if model.layers else []
+    log.info("read %.1f MiB from %s (%d of %d routed experts)", reader.bytes_read / 2**20, path, len(held),
+             cfg.n_routed_experts)  # fmt: skip
+    return reader.bytes_read
 
 
 def _check_tid2eid(value: torch.Tensor, cfg: ModelConfig, file: str, name: str) -> None:

@@ -91,3 +91,20 @@ def test_a_failing_rank_fails_its_step_and_the_group_recovers(tiny_checkpoint):
     after = run(engine, requests()[:1])
     assert after.final("g0").finish_reason == "length"
     engine.stop()
+
+
+def test_new_requests_go_to_the_rank_with_the_least_kv():
+    from cluster.worker_group import assign_owners
+
+    owner, held = {"long": 0}, {"long": 300}  # 3 pages of 128 on rank 0
+    plan = StepPlan(work=(SeqWork("long", (5,), 300, True), SeqWork("a", (1,) * 10, 0, True),
+                          SeqWork("b", (1,) * 10, 0, True), SeqWork("c", (1,) * 200, 0, False)))  # fmt: skip
+    assign_owners(owner, plan, 2, held, 128)
+    # a: rank 1 (0 pages vs 3); b: rank 1 (1 page vs 3); c: rank 1 (2 pages vs 3)
+    assert owner == {"long": 0, "a": 1, "b": 1, "c": 1}
+    assert held == {"long": 301, "a": 10, "b": 10, "c": 200}
+    assign_owners(owner, StepPlan(work=(SeqWork("d", (1,), 0, True),), finished=("long",)), 2, held, 128)
+    assert owner["d"] == 0 and "long" not in held  # long finished: rank 0 holds no pages, rank 1 holds 4
+    fresh: dict[str, int] = {}
+    assign_owners(fresh, StepPlan(work=tuple(SeqWork(f"n{i}", (1,), 0, True) for i in range(4))), 2, {}, 128)
+    assert sorted(fresh.values()) == [0, 0, 1, 1]  # equal pages: the request count breaks the tie
