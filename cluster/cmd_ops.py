@@ -51,7 +51,9 @@ def _call(fn: Any, *args: Any) -> Any:
 def format_load(load: Any) -> str:
     total = load.kv_pages_total or 1
     return (f"running {load.running}, waiting {load.waiting}; KV {load.kv_pages_used}/{load.kv_pages_total} pages "
-            f"({100 * load.kv_pages_used / total:.1f}%, {load.page_size} tokens each)")  # fmt: skip
+            f"({100 * load.kv_pages_used / total:.1f}%, {load.page_size} tokens each; "
+            f"{load.kv_pages_cached} pages of cached prefixes, "
+            f"{load.prefix_hits}/{load.prefix_lookups} prefix hits)")  # fmt: skip
 
 
 def format_status(first: Any, second: Any) -> list[str]:
@@ -69,6 +71,11 @@ def format_status(first: Any, second: Any) -> list[str]:
     ]
     for pool in second.pools:
         lines.append(f"pool {pool.name} ({pool.role}): {pool.num_instances} instance(s); {format_load(pool.load)}")
+    if second.expert_balance:
+        worst = min(second.expert_balance, key=lambda b: b.balancedness)
+        mean = sum(b.balancedness for b in second.expert_balance) / len(second.expert_balance)
+        lines.append(f"expert balance (mean/max tokens per expert): {mean:.2f} over {len(second.expert_balance)} "
+                     f"MoE layers, worst {worst.balancedness:.2f} (layer {worst.layer})")  # fmt: skip
     return lines
 
 

@@ -149,7 +149,7 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
         engines.append(build_engine(
             checkpoint,
             engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting,
-                                       sched.max_model_len),  # fmt: skip
+                                       sched.max_model_len, sched.prefix_cache),  # fmt: skip
             dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
             kv_cache_bytes=sched.kv_bytes,
             page_size=sched.page_size,
@@ -185,7 +185,7 @@ async def _serve(engine: Engine, info: ServingInfo, manifest: Manifest) -> None:
     from cluster.metrics import GatewayMetrics
 
     spec = manifest.gateway
-    metrics = GatewayMetrics(engine.load, engine.routing_window)
+    metrics = GatewayMetrics(engine.load, engine.routing_totals)
     gateway = Gateway(engine, info, metrics)
     try:
         metrics.serve(spec.metrics_port, spec.host)

@@ -28,6 +28,7 @@ from cluster.messages import (
 from cluster.scheduler import SchedRequest, Scheduler
 from cluster.textstream import TextStream
 from encoding.tokenizer import DeepSeekV4Tokenizer
+from router.stats import merge
 from workers.kv_cache import KVCacheManager
 
 log = logging.getLogger("dsv4.engine")
@@ -41,6 +42,7 @@ class EngineConfig:
     max_running: int = 64  # requests in the running batch
     max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     max_model_len: int = 1048576  # prompt + completion tokens per request
+    prefix_cache: bool = False  # keep states at page boundaries and reuse them for prompts that share them
 
 
 @dataclass
@@ -52,7 +54,6 @@ class _Live:
     text: TextStream
     t_submit: float
     t_first: float | None = None
-    cached_tokens: int = 0
     pending_abort: bool = False
 
 
@@ -70,7 +71,7 @@ class Engine:
         self, worker, tokenizer: DeepSeekV4Tokenizer, kv: KVCacheManager, config: EngineConfig, eos_id: int = 1
     ) -> None:
         self.worker, self.tokenizer, self.kv, self.config, self.eos_id = worker, tokenizer, kv, config, eos_id
-        self.scheduler = Scheduler(kv, config.max_batch_tokens, config.max_running)
+        self.scheduler = Scheduler(kv, config.max_batch_tokens, config.max_running, config.prefix_cache)
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
         self._inbox: list[tuple[str, object]] = []  # ("submit", _Live) | ("abort", uid)
@@ -79,6 +80,8 @@ class Engine:
         self._stopping = False
         self._draining = False
         self.vocab_size = worker.model.cfg.vocab_size
+        self._routing: dict = {}  # layer -> LayerStats, running totals
+        self._routing_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -152,18 +155,29 @@ class Engine:
             time.sleep(0.005)
         return False
 
-    def routing_window(self):
-        """The workers' per-layer routing and all-to-all stats since the previous call."""
-        return self.worker.routing_window()
+    def routing_totals(self) -> dict:
+        """The workers' per-layer routing and all-to-all stats since the engine started
+        (layer -> router.stats.LayerStats; tokens per expert are the EPLB input)."""
+        with self._routing_lock:
+            self._routing = merge([self._routing, self.worker.routing_window()])
+            return dict(self._routing)
 
     def load(self) -> dict[str, int]:
+        """Pages held by requests (`kv_pages_used`) and by cached prefixes (`kv_pages_cached`,
+        given back on demand) are counted apart; free = total - both."""
+        prefix = self.scheduler.prefix
+        cached = prefix.cached_pages if prefix is not None else 0
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
-            "kv_pages_used": self.kv.used_pages,
+            "kv_pages_used": self.kv.used_pages - cached,
+            "kv_pages_cached": cached,
             "kv_pages_free": self.kv.free_pages,
             "kv_pages_total": self.kv.num_pages,
             "worker_states": self.worker.num_states(),
+            "prefix_hits": prefix.hits if prefix is not None else 0,
+            "prefix_lookups": prefix.lookups if prefix is not None else 0,
+            "steps": self.stats.steps,
         }
 
     def _validate(self, request: GenerateRequest) -> None:
@@ -222,6 +236,8 @@ class Engine:
             result = self.worker.execute(plan)
         except EngineUnavailableError as e:  # the workers lost every request's state
             log.error("workers lost: %s", e)
+            if self.scheduler.prefix is not None:
+                self.scheduler.prefix.reset()
             for req in [*self.scheduler.running]:
                 self._finish(req.uid, "error", error=f"unavailable: {e}", unavailable=True)
             return
@@ -271,7 +287,7 @@ class Engine:
         return {
             "prompt_tokens": len(live.req.prompt),
             "completion_tokens": len(live.req.output),
-            "cached_tokens": live.cached_tokens,
+            "cached_tokens": live.req.cached,
             "time_to_first_token_ms": ttft,
         }
 

@@ -261,12 +261,17 @@ class Gateway:
             kv_pages_free=raw.get("kv_pages_free", 0),
             kv_pages_total=raw.get("kv_pages_total", 0),
             page_size=self.info.page_size,
+            kv_pages_cached=raw.get("kv_pages_cached", 0),
+            prefix_hits=raw.get("prefix_hits", 0),
+            prefix_lookups=raw.get("prefix_lookups", 0),
         )
 
     def server_info(self) -> Any:
         load = self.load()
-        pool = pb.PoolInfo(name=self.info.backend, role="mixed", num_instances=1, load=load)
+        instances = self.engine.load().get("instances", 1)
+        pool = pb.PoolInfo(name=self.info.backend, role="mixed", num_instances=instances, load=load)
         return pb.ServerInfo(
+            expert_balance=self._expert_balance(),
             backend=self.info.backend,
             version=self.info.version,
             draining=self.draining,
@@ -275,6 +280,18 @@ class Gateway:
             pools=[pool],
             totals=_totals(self.metrics),
         )
+
+    def _expert_balance(self) -> list[Any]:
+        totals = getattr(self.engine, "routing_totals", None)
+        if totals is None:
+            return []
+        try:
+            stats = totals()
+        except Exception:  # an info call must not fail because a worker is being rebuilt
+            log.exception("reading the routing stats failed")
+            return []
+        return [pb.LayerBalance(layer=layer, balancedness=st.balancedness, tokens=int(st.tokens_per_expert.sum()))
+                for layer, st in stats.items() if st.num_tokens]  # fmt: skip
 
     def drain(self) -> Any:
         """Stop admitting new requests; the running and waiting ones finish."""

@@ -100,6 +100,7 @@ class SeqWork:
     token_ids: tuple[int, ...]
     pos0: int
     sample: bool
+    prefix: str | None = None  # a new request's state starts from this cached prefix (pos0 tokens)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class StepPlan:
     finished: tuple[str, ...] = ()
     sampling: dict[str, SamplingParams] = field(default_factory=dict)  # uid -> params, for new uids
     num_generated: dict[str, int] = field(default_factory=dict)  # uid -> tokens sampled so far (RNG counter)
+    snapshots: dict[str, str] = field(default_factory=dict)  # uid -> prefix key: keep its state after this step
+    evict: tuple[str, ...] = ()  # prefix keys to forget (before this step runs)
 
 
 @dataclass(frozen=True)

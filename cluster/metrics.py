@@ -28,6 +28,9 @@ _LOAD_GAUGES = {  # engine.load() key -> (metric name, help)
     "kv_pages_used": ("dsv4_kv_pages_used", "KV cache pages held by requests"),
     "kv_pages_free": ("dsv4_kv_pages_free", "KV cache pages free"),
     "kv_pages_total": ("dsv4_kv_pages_total", "KV cache pages in all"),
+    "kv_pages_cached": ("dsv4_kv_pages_cached", "KV cache pages held by cached prompt prefixes"),
+    "prefix_hits": ("dsv4_prefix_cache_hits", "admissions that reused a cached prefix"),
+    "prefix_lookups": ("dsv4_prefix_cache_lookups", "admissions that looked for a cached prefix"),
 }
 
 
@@ -35,7 +38,7 @@ class _LoadCollector(Collector):
     def __init__(self, load: Callable[[], dict[str, int]]) -> None:
         self._load = load
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             load = self._load()
         except Exception:  # a scrape must not fail because the engine is going away
@@ -44,34 +47,33 @@ class _LoadCollector(Collector):
         for key, (name, doc) in _LOAD_GAUGES.items():
             if key in load:
                 yield GaugeMetricFamily(name, doc, value=load[key])
+        if "steps" in load:
+            yield CounterMetricFamily("dsv4_engine_steps", "engine steps run (all instances)", value=load["steps"])
 
 
 class _RoutingCollector(Collector):
-    """Per-layer expert load and all-to-all traffic, pulled from the workers at each scrape
-    (the window since the previous scrape), exported as running totals."""
+    """Per-layer expert load and all-to-all traffic: the engine's running totals, read at
+    each scrape."""
 
-    def __init__(self, window: Callable[[], dict[int, LayerStats]]) -> None:
-        self._window = window
-        self._totals: dict[tuple, float] = {}  # (metric, labels...) -> running total
-        self._balance: dict[str, float] = {}  # layer -> balancedness of the last window with tokens
+    def __init__(self, totals: Callable[[], dict[int, LayerStats]]) -> None:
+        self._totals_of = totals
 
     def collect(self) -> Iterator[Any]:
         try:
-            window = self._window()
+            totals = self._totals_of()
         except Exception:
             log.exception("reading the workers' routing stats failed during a scrape")
-            window = {}
-        t = self._totals
-        for layer, st in window.items():
+            totals = {}
+        t: dict[tuple, float] = {}
+        balance: dict[str, float] = {}
+        for layer, st in totals.items():
             lay = str(layer)
             for e, n in enumerate(st.tokens_per_expert.tolist()):
-                t[("tokens", lay, str(e))] = t.get(("tokens", lay, str(e)), 0) + n
-            for key, value in (("sent", st.bytes_sent), ("recv", st.bytes_recv)):
-                t[("bytes", lay, key)] = t.get(("bytes", lay, key), 0) + value
-            for key, value in (("dispatch", st.dispatch_s), ("combine", st.combine_s)):
-                t[("seconds", lay, key)] = t.get(("seconds", lay, key), 0.0) + value
+                t[("tokens", lay, str(e))] = n
+            t[("bytes", lay, "sent")], t[("bytes", lay, "recv")] = st.bytes_sent, st.bytes_recv
+            t[("seconds", lay, "dispatch")], t[("seconds", lay, "combine")] = st.dispatch_s, st.combine_s
             if st.num_tokens:
-                self._balance[lay] = st.balancedness
+                balance[lay] = st.balancedness
         tokens = CounterMetricFamily("dsv4_expert_tokens", "(token, expert) pairs routed to each expert",
                                      labels=["layer", "expert"])  # fmt: skip
         traffic = CounterMetricFamily("dsv4_alltoall_bytes", "all-to-all bytes of the MoE layers, all workers",
@@ -81,16 +83,16 @@ class _RoutingCollector(Collector):
         families = {"tokens": tokens, "bytes": traffic, "seconds": seconds}
         for (metric, *labels), value in sorted(t.items()):
             families[metric].add_metric(labels, value)
-        balance = GaugeMetricFamily("dsv4_expert_balancedness", "mean / max tokens per expert, last window",
-                                    labels=["layer"])  # fmt: skip
-        for lay, value in sorted(self._balance.items()):
-            balance.add_metric([lay], value)
-        yield from (tokens, traffic, seconds, balance)
+        gauge = GaugeMetricFamily("dsv4_expert_balancedness", "mean / max tokens per expert since the start",
+                                  labels=["layer"])  # fmt: skip
+        for lay, value in sorted(balance.items()):
+            gauge.add_metric([lay], value)
+        yield from (tokens, traffic, seconds, gauge)
 
 
 class GatewayMetrics:
     """Counters and histograms of one gateway, in a registry of its own. `routing` returns
-    the workers' routing stats since its previous call (`Engine.routing_window`)."""
+    the workers' routing stats since the start (`Engine.routing_totals`)."""
 
     def __init__(
         self, load: Callable[[], dict[str, int]] | None = None,

@@ -98,6 +98,7 @@ class RayWorkerGroup:
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
         self.held: dict[str, int] = {}  # uid -> tokens in its state
+        self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class RayWorkerGroup:
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
         self.owner.clear()
         self.held.clear()
+        self.prefix_rank.clear()
         log.info("ray instance up: %d workers in %.1fs", self.world_size, time.perf_counter() - t0)
 
     def stop(self) -> None:
@@ -167,8 +169,8 @@ class RayWorkerGroup:
 
         from cluster.worker_group import assign_owners, merge_results, split_plan
 
-        assign_owners(self.owner, plan, self.world_size, self.held, self.page_size)
-        plans = split_plan(self.owner, plan, self.world_size)
+        assign_owners(self.owner, plan, self.world_size, self.held, self.page_size, self.prefix_rank)
+        plans = split_plan(self.owner, plan, self.world_size, self.prefix_rank)
         for uid in plan.finished:
             self.owner.pop(uid, None)
         refs = [a.execute.remote(p) for a, p in zip(self.actors, plans, strict=True)]

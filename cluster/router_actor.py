@@ -111,9 +111,9 @@ class InstanceRouter:
                 total[key] = total.get(key, 0) + value
         return total
 
-    def routing_window(self):
-        """Every instance's routing stats since the previous call, summed (the EPLB input)."""
-        return merge(engine.routing_window() for engine in self.engines)
+    def routing_totals(self):
+        """Every instance's routing stats since it started, summed (the EPLB input)."""
+        return merge(engine.routing_totals() for engine in self.engines)
 
     def instance_loads(self) -> list[dict[str, int]]:
         return [engine.load() for engine in self.engines]

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.messages import SamplingParams, SeqWork, StepPlan
+from cluster.prefix_cache import PrefixIndex, page_keys
 from workers.kv_cache import KVCacheManager
 
 
@@ -26,6 +27,17 @@ class SchedRequest:
     output: list[int] = field(default_factory=list)  # sampled tokens
     computed: int = 0  # tokens already in the model state
     num_preemptions: int = 0
+    cached: int = 0  # prompt tokens taken from the prefix cache at the last admission
+    page_keys: list[str] = field(default_factory=list)  # prefix keys of its full pages so far
+    snaps: list[str] = field(default_factory=list)  # prefixes this request kept (the latest ones)
+    prompt_snap: str | None = None  # the one at the prompt's last page boundary (kept longer)
+
+    def keys_upto(self, num_tokens: int, page_size: int) -> list[str]:
+        """Its page keys covering at least the first `num_tokens` tokens' full pages."""
+        have = len(self.page_keys) * page_size
+        if num_tokens // page_size > len(self.page_keys):
+            self.page_keys = page_keys(self.token_slice(have, num_tokens), page_size, self.page_keys)
+        return self.page_keys
 
     @property
     def tokens(self) -> int:
@@ -39,8 +51,10 @@ class SchedRequest:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_batch_tokens: int, max_running: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_batch_tokens: int, max_running: int, prefix_cache: bool = False) -> None:
         self.kv = kv
+        self.prefix = PrefixIndex(kv) if prefix_cache else None
+        self._snapshots: dict[str, str] = {}  # uid -> key, for the plan being built
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.waiting: deque[SchedRequest] = deque()
         self.running: list[SchedRequest] = []  # admission order
@@ -79,43 +93,90 @@ class Scheduler:
                     budget -= 1
         for req in list(self.running):  # unfinished prompts
             if budget > 0 and req.tokens - req.computed > 1:
-                n = min(req.tokens - req.computed, budget)
-                if self.kv.grow(req.uid, req.computed + n):
+                n = self._chunk(req, budget)
+                if self._grow(req.uid, req.computed + n):
                     work.append(self._work(req, n))
                     budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            if not self.kv.can_grow(req.uid, req.tokens + 1):  # whole prompt must fit to start
+            hit = None
+            if self.prefix is not None:
+                hit = self.prefix.lookup(req.keys_upto(req.tokens, self.kv.page_size), req.tokens)
+            while not self.kv.can_grow(req.uid, req.tokens + 1):  # whole prompt must fit to start
+                if self.prefix is None or not self.prefix.evict_one():
+                    break
+            if not self.kv.can_grow(req.uid, req.tokens + 1):
                 break
             self.waiting.popleft()
             self.running.append(req)
             self._new_in_worker.add(req.uid)
-            n = min(req.tokens, budget)
-            self.kv.grow(req.uid, n)
-            work.append(self._work(req, n))
+            req.computed, req.cached = (hit[1], hit[1]) if hit else (0, 0)
+            n = self._chunk(req, budget)
+            self.kv.grow(req.uid, req.computed + n)
+            work.append(self._work(req, n, prefix=hit[0] if hit else None))
             budget -= n
         return self._plan(work)
 
-    def _work(self, req: SchedRequest, n: int) -> SeqWork:
+    def _chunk(self, req: SchedRequest, budget: int) -> int:
+        """Tokens of `req` to run now: what is left, within the budget; with the prefix cache,
+        a prefill chunk that crosses a page boundary ends on it (so its state can be kept)."""
+        n = min(req.tokens - req.computed, budget)
+        if self.prefix is not None and n > 1:
+            boundary = (req.computed + n) // self.kv.page_size * self.kv.page_size
+            if req.computed < boundary < req.computed + n:
+                n = boundary - req.computed
+        return n
+
+    def _work(self, req: SchedRequest, n: int, prefix: str | None = None) -> SeqWork:
         start = req.computed
         req.computed += n
-        return SeqWork(req.uid, req.token_slice(start, start + n), start, sample=req.computed == req.tokens)
+        if self.prefix is not None and req.computed % self.kv.page_size == 0:
+            self._keep(req)
+        return SeqWork(req.uid, req.token_slice(start, start + n), start, req.computed == req.tokens, prefix)
+
+    def _keep(self, req: SchedRequest) -> None:
+        """Ask the worker to keep `req`'s state after this step (it ends on a page boundary).
+        A request keeps its latest prefix and the one at its prompt's last page boundary."""
+        page = self.kv.page_size
+        key = req.keys_upto(req.computed, page)[req.computed // page - 1]
+        if key in self.prefix or not self.prefix.add(key, req.computed):
+            return
+        self._snapshots[req.uid] = key
+        for old in req.snaps:
+            if old != req.prompt_snap and old not in self.prefix.pinned:
+                self.prefix.remove(old)
+        req.snaps = [k for k in (req.prompt_snap, key) if k is not None]
+        if req.computed == len(req.prompt) // page * page:
+            req.prompt_snap = key
 
     def _plan(self, work: list[SeqWork]) -> StepPlan:
         new = {w.uid for w in work if w.uid in self._new_in_worker}
         self._new_in_worker -= new
         by_uid = {r.uid: r for r in self.running}
+        snapshots = {u: k for u, k in self._snapshots.items() if u not in self._to_release}
+        for uid, key in self._snapshots.items():
+            if uid not in snapshots:  # preempted in this very step: nothing to keep
+                self.prefix.remove(key)
         plan = StepPlan(
             work=tuple(work),
             finished=tuple(self._to_release),
             sampling={uid: by_uid[uid].sampling for uid in new},
             num_generated={w.uid: len(by_uid[w.uid].output) for w in work},
+            snapshots=snapshots,
+            evict=self.prefix.take_plan_changes() if self.prefix is not None else (),
         )
-        self._to_release = []
+        self._to_release, self._snapshots = [], {}
         return plan
 
+    def _grow(self, uid: str, num_tokens: int) -> bool:
+        """Grow `uid`, evicting cached prefixes (least recently used first) if that makes room."""
+        while not self.kv.grow(uid, num_tokens):
+            if self.prefix is None or not self.prefix.evict_one():
+                return False
+        return True
+
     def _grow_or_preempt(self, req: SchedRequest, num_tokens: int) -> bool:
-        while not self.kv.grow(req.uid, num_tokens):
+        while not self._grow(req.uid, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:

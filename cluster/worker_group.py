@@ -41,6 +41,7 @@ class LocalWorkerGroup:
         self.placement = placement
         self.owner: dict[str, int] = {}  # uid -> rank holding its state
         self.held: dict[str, int] = {}  # uid -> tokens in its state (placement by KV load)
+        self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self.page_size = page_size
 
     @property
@@ -54,8 +55,8 @@ class LocalWorkerGroup:
         return merge(w.routing_window() for w in self.workers)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size)
-        plans = split_plan(self.owner, plan, len(self.workers))
+        assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size, self.prefix_rank)
+        plans = split_plan(self.owner, plan, len(self.workers), self.prefix_rank)
         for uid in plan.finished:
             self.owner.pop(uid, None)
         results: list[StepResult | None] = [None] * len(self.workers)
@@ -80,16 +81,26 @@ class LocalWorkerGroup:
         return merge_results(results)
 
 
-def assign_owners(owner: dict[str, int], plan: StepPlan, world_size: int, held: dict[str, int], page: int) -> None:
-    """A request seen for the first time goes to the least loaded rank: the fewest KV pages
-    held (`held`: uid -> tokens in its state, kept up to date here), then the fewest requests."""
+def assign_owners(
+    owner: dict[str, int], plan: StepPlan, world_size: int, held: dict[str, int], page: int,
+    prefix_rank: dict[str, int] | None = None,
+) -> None:  # fmt: skip
+    """A request seen for the first time goes to the rank holding its cached prefix, else to
+    the least loaded rank: the fewest KV pages held (`held`: uid -> tokens in its state, kept
+    up to date here), then the fewest requests."""
+    prefix_rank = prefix_rank if prefix_rank is not None else {}
     pages, count = [0] * world_size, [0] * world_size
     for uid, rank in owner.items():
         pages[rank] += -(-held.get(uid, 0) // page)
         count[rank] += 1
     for w in plan.work:
         end = w.pos0 + len(w.token_ids)
-        if w.uid not in owner:
+        if w.uid not in owner and w.prefix is not None:  # its cached prefix lives on one rank
+            rank = prefix_rank[w.prefix]
+            owner[w.uid] = rank
+            pages[rank] += -(-end // page)
+            count[rank] += 1
+        elif w.uid not in owner:
             rank = min(range(world_size), key=lambda r: (pages[r], count[r], r))
             owner[w.uid] = rank
             pages[rank] += -(-end // page)
@@ -99,8 +110,15 @@ def assign_owners(owner: dict[str, int], plan: StepPlan, world_size: int, held: 
         held.pop(uid, None)
 
 
-def split_plan(owner: dict[str, int], plan: StepPlan, world_size: int) -> list[StepPlan]:
-    """One plan per rank with that rank's requests (possibly empty: the rank still steps)."""
+def split_plan(
+    owner: dict[str, int], plan: StepPlan, world_size: int, prefix_rank: dict[str, int] | None = None
+) -> list[StepPlan]:
+    """One plan per rank with that rank's requests (possibly empty: the rank still steps);
+    prefixes are kept on, and evicted from, the rank of their request (`prefix_rank`)."""
+    prefix_rank = prefix_rank if prefix_rank is not None else {}
+    evict = {key: prefix_rank.pop(key, -1) for key in plan.evict}
+    for uid, key in plan.snapshots.items():
+        prefix_rank[key] = owner[uid]
     per_rank = []
     for rank in range(world_size):
         mine = {uid for uid, r in owner.items() if r == rank}
@@ -109,6 +127,8 @@ def split_plan(owner: dict[str, int], plan: StepPlan, world_size: int) -> list[S
             finished=tuple(u for u in plan.finished if u in mine),
             sampling={u: p for u, p in plan.sampling.items() if u in mine},
             num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
+            snapshots={u: k for u, k in plan.snapshots.items() if u in mine},
+            evict=tuple(k for k, r in evict.items() if r == rank),
         ))  # fmt: skip
     return per_rank
 

@@ -44,6 +44,16 @@ class SeqState:
         self.pool.release(self)
 
 
+@dataclass
+class Snapshot:
+    """A sequence's state at a page boundary, kept for reuse (prefix cache): its full pages
+    (shared, reference counted) and a copy of its slot's rings, per layer."""
+
+    num_tokens: int
+    pages: list[int]
+    slot_state: list[list[torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class StepView:
     """The batch's addresses for one forward: slot [B] and page table [B, max pages] tensors
@@ -103,6 +113,14 @@ class LayerPool:
             if comp is not None:
                 comp.resize(slots, pages)
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """The per-slot tensors (window ring, compressor rings), in a fixed order."""
+        out = [self.window]
+        for comp in (self.compressor, self.indexer):
+            if comp is not None:
+                out += [comp.ring_kv, comp.ring_score]
+        return out
+
 
 class KVPool:
     """Slots and pages for a list of attention layers (the main model, or one MTP block)."""
@@ -113,6 +131,7 @@ class KVPool:
         self._slot_cap = self._page_cap = 0
         self._free_slots: list[int] = []
         self._free_pages: list[int] = []
+        self._refs: dict[int, int] = {}  # page -> holders beyond the first (shared prefix pages)
         self.reserve(slots=1, pages=1)  # page 0 exists, so padded page-table lookups stay in bounds
 
     # -- capacity ---------------------------------------------------------------------
@@ -155,12 +174,47 @@ class KVPool:
             st.pages.append(self._free_pages.pop())
 
     def release(self, st: SeqState) -> None:
-        """Return the sequence's slot and pages (idempotent)."""
+        """Return the sequence's slot and pages (idempotent); shared pages stay with their other holders."""
         if st.slot < 0:
             return
-        self._free_pages += reversed(st.pages)
+        self._unref(st.pages)
         self._free_slots.append(st.slot)
         st.pages, st.slot = [], -1
+
+    def _unref(self, pages: list[int]) -> None:
+        for page in reversed(pages):
+            extra = self._refs.pop(page, 0)
+            if extra > 1:
+                self._refs[page] = extra - 1
+            elif extra == 0:
+                self._free_pages.append(page)
+
+    # -- prefix reuse -------------------------------------------------------------------
+    def snapshot(self, st: SeqState) -> Snapshot:
+        """Keep `st`'s state as it is now; `st.num_tokens` must be a page boundary (its pages are full)."""
+        if st.num_tokens % self.page_size or st.slot < 0:
+            raise KVPoolError(f"a snapshot needs a live sequence at a page boundary, got {st.num_tokens} tokens")
+        pages = st.pages[: st.num_tokens // self.page_size]
+        for page in pages:
+            self._refs[page] = self._refs.get(page, 0) + 1
+        state = [[t[st.slot].clone() for t in layer.slot_tensors()] for layer in self.layers]
+        return Snapshot(st.num_tokens, list(pages), state)
+
+    def restore(self, snap: Snapshot) -> SeqState:
+        """A new sequence continuing from `snap` (its pages shared, its rings copied into a new slot)."""
+        st = self.new_seq()
+        for layer, saved in zip(self.layers, snap.slot_state, strict=True):
+            for t, value in zip(layer.slot_tensors(), saved, strict=True):
+                t[st.slot] = value
+        for page in snap.pages:
+            self._refs[page] = self._refs.get(page, 0) + 1
+        st.pages, st.num_tokens = list(snap.pages), snap.num_tokens
+        return st
+
+    def drop(self, snap: Snapshot) -> None:
+        """Forget a snapshot: its pages go back to the pool once no sequence shares them."""
+        self._unref(snap.pages)
+        snap.pages = []
 
     def view(self, states: list[SeqState], chunk_lens: list[int]) -> StepView:
         """Grow every sequence for its chunk and return the batch's slots and page tables."""

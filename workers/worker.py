@@ -11,7 +11,7 @@ import torch
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
-from workers.kv_pool import SeqState
+from workers.kv_pool import SeqState, Snapshot
 from workers.model import Batch, Transformer
 from workers.sampler import SamplingBatch, sample
 
@@ -30,11 +30,16 @@ class ModelWorker:
         self.states: dict[str, SeqState] = {}  # uid -> model state
         self.params: dict[str, SamplingParams] = {}  # uid -> sampling params
         self.seeds: dict[str, int] = {}  # uid -> RNG seed
+        self.prefixes: dict[str, Snapshot] = {}  # prefix key -> state kept for reuse
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Drop finished state, run every chunk of the plan in one flat batch, sample."""
         for uid in plan.finished:
             self.release(uid)
+        for key in plan.evict:
+            snap = self.prefixes.pop(key, None)
+            if snap is not None:
+                self.model.kv.drop(snap)
         for uid, params in plan.sampling.items():
             self.params[uid] = params
             self.seeds[uid] = params.seed if params.seed is not None else _fresh_seed()
@@ -45,13 +50,19 @@ class ModelWorker:
         states = []
         for w in plan.work:
             st = self.states.get(w.uid)
-            if st is None:
+            if st is None and w.prefix is not None:
+                if w.prefix not in self.prefixes:
+                    raise KeyError(f"{w.uid}: cached prefix {w.prefix} is not on this worker")
+                st = self.states[w.uid] = self.model.kv.restore(self.prefixes[w.prefix])
+            elif st is None:
                 st = self.states[w.uid] = self.model.new_state()
             assert st.num_tokens == w.pos0, f"{w.uid}: state at {st.num_tokens}, plan at {w.pos0}"
             states.append(st)
         chunks = [torch.tensor(w.token_ids, dtype=torch.int64) for w in plan.work]
         batch = Batch.build(chunks, states)
         streams = self.model(batch, states)
+        for uid, key in plan.snapshots.items():
+            self.prefixes[key] = self.model.kv.snapshot(self.states[uid])
         rows = [i for i, w in enumerate(plan.work) if w.sample]
         if not rows:
             return StepResult(tokens={})

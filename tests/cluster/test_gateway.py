@@ -158,7 +158,7 @@ def test_cancel_mid_stream_frees_pages(server):
     call.cancel()
     load = wait_idle(server.stub)
     assert (load.running, load.waiting, load.kv_pages_used) == (0, 0, 0)
-    assert load.kv_pages_free == load.kv_pages_total > 0
+    assert load.kv_pages_free + load.kv_pages_cached == load.kv_pages_total > 0
 
 
 def test_deadline_aborts_the_request(server):
@@ -238,6 +238,29 @@ def test_chat_thinking_mode_streams_reasoning(server):
     assert deltas and deltas[0].reasoning_content and not deltas[0].content  # the prompt ends inside <think>
 
 
+def test_a_growing_conversation_reuses_its_prefix(server):
+    """Turn 2 repeats turn 1's long user message: the server reports the cached tokens (the
+    page-aligned part of what turn 1 computed that turn 2's prompt shares)."""
+    long_text = " ".join(f"item {i} is {i * i}" for i in range(26))  # ~150 tokens (the server allows 256)
+    first = chat(long_text, max_tokens=4, temperature=0)
+    responses = list(server.stub.Chat(first))
+    answer = "".join(r.delta.content for r in responses if r.WhichOneof("kind") == "delta")
+    assert responses[-1].finish.usage.cached_tokens == 0
+    second = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content=long_text),
+                                      pb.ChatMessage(role="assistant", content=answer),
+                                      pb.ChatMessage(role="user", content="And item 7?")],
+                            sampling=pb.SamplingParams(max_tokens=4, temperature=0))  # fmt: skip
+    ids1, ids2 = server.stub.Encode(first).token_ids, server.stub.Encode(second).token_ids
+    shared = next((i for i, (a, b) in enumerate(zip(ids1, ids2, strict=False)) if a != b), min(len(ids1), len(ids2)))
+    finish = list(server.stub.Chat(second))[-1].finish
+    # turn 1 kept its state at its prompt's last page boundary and at its latest one
+    kept = {len(ids1) // 128 * 128, (len(ids1) + 4 - 1) // 128 * 128}
+    expected = max((b for b in kept if b <= min(shared, len(ids2) - 1)), default=0)
+    assert expected >= 128 and finish.usage.cached_tokens == expected
+    load = wait_idle(server.stub)
+    assert load.prefix_hits >= 1 and load.kv_pages_cached > 0
+
+
 def test_chat_logprobs_cover_every_token(server):
     responses = list(server.stub.Chat(chat(max_tokens=3, temperature=0, logprobs=1)))
     logprobs = [lp for r in responses if r.WhichOneof("kind") == "delta" for lp in r.delta.logprobs]
@@ -269,6 +292,10 @@ def test_model_and_server_info(server, tiny_checkpoint):
     srv = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert srv.backend == "inprocess" and not srv.draining and len(srv.pools) == 1
     assert srv.load.kv_pages_total > 0 and srv.load.page_size == 128
+    list(server.stub.Generate(generate(max_tokens=2)))  # so that every layer has routed tokens
+    balance = server.stub.GetServerInfo(pb.GetServerInfoRequest()).expert_balance
+    assert [b.layer for b in balance] == list(range(info.num_layers))
+    assert all(0 < b.balancedness <= 1 and b.tokens > 0 for b in balance)
 
 
 def test_reflection_lists_the_services(server):

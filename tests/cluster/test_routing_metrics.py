@@ -47,7 +47,7 @@ def test_expert_counts_match_the_tokens_run(tiny_checkpoint):
     model = load_model(tiny_checkpoint, dtype=torch.float32, progress=False)
     cfg = model.cfg
     engine = _engine(ModelWorker(model), cfg)
-    metrics = GatewayMetrics(engine.load, engine.routing_window)
+    metrics = GatewayMetrics(engine.load, engine.routing_totals)
     ran = _serve(engine, 4)
     tokens = _samples(metrics, "dsv4_expert_tokens_total")
     for layer in range(cfg.num_hidden_layers):
@@ -64,7 +64,7 @@ def test_expert_counts_match_the_tokens_run(tiny_checkpoint):
 def test_expert_parallel_traffic_is_exported(tiny_checkpoint):
     group = LocalWorkerGroup(tiny_checkpoint, 2, dtype=torch.float32)
     engine = _engine(group, group.model.cfg)
-    metrics = GatewayMetrics(engine.load, engine.routing_window)
+    metrics = GatewayMetrics(engine.load, engine.routing_totals)
     ran = _serve(engine, 3)
     tokens = _samples(metrics, "dsv4_expert_tokens_total")
     k = group.model.cfg.num_experts_per_tok
