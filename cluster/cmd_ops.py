@@ -71,6 +71,9 @@ def format_status(first: Any, second: Any) -> list[str]:
     ]
     for pool in second.pools:
         lines.append(f"pool {pool.name} ({pool.role}): {pool.num_instances} instance(s); {format_load(pool.load)}")
+        for i in sorted({w.instance for w in pool.workers}):
+            ranks = ", ".join(f"rank {w.rank} on {w.node}" for w in pool.workers if w.instance == i)
+            lines.append(f"  instance {i}: {ranks}")
     if second.expert_balance:
         worst = min(second.expert_balance, key=lambda b: b.balancedness)
         mean = sum(b.balancedness for b in second.expert_balance) / len(second.expert_balance)

@@ -102,10 +102,6 @@ def check_topology(manifest: Manifest, checkpoint: Path) -> None:
     cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
     for pool in manifest.pools:
         path = manifest.pool_path(pool)
-        if pool.role != "colocated":
-            raise ManifestError(
-                f"{path}.role", "prefill/decode pools with KV handoff are not served yet; use one colocated pool"
-            )
         if cfg.n_routed_experts % pool.workers:
             raise ManifestError(
                 f"{path}.workers",
@@ -132,7 +128,7 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
     from cluster.gateway import ServingInfo
     from cluster.inprocess import build_engine
     from cluster.model_cache import ensure_preset_checkpoint
-    from cluster.router_actor import InstanceRouter
+    from cluster.router_actor import DisaggRouter, InstanceRouter
 
     spec: ModelSpec = manifest.model
     if spec.checkpoint:
@@ -140,16 +136,17 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
     else:  # a random model of the preset, written once to the cache directory
         checkpoint = ensure_preset_checkpoint(spec.preset or "tiny", spec.seed or 0)
     check_topology(manifest, checkpoint)
-    sched, pool = manifest.scheduler, manifest.pools[0]
-    log.info("loading %s (%s, backend %s, %d instance(s) of %d worker(s), %s communicator) ...", checkpoint,
-             spec.dtype, manifest.backend, pool.instances, pool.workers, manifest.communicator_of(pool))  # fmt: skip
+    sched = manifest.scheduler
     t0 = time.perf_counter()
-    engines = []
-    for _ in range(pool.instances):
-        engines.append(build_engine(
+    by_role: dict[str, list[Engine]] = {}
+    for pool in manifest.pools:
+        log.info("loading %s for pool %s (%s, backend %s, %d instance(s) of %d worker(s), %s communicator) ...",
+                 checkpoint, pool.name, spec.dtype, manifest.backend, pool.instances, pool.workers,
+                 manifest.communicator_of(pool))  # fmt: skip
+        by_role[pool.role] = [build_engine(
             checkpoint,
             engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting,
-                                       sched.max_model_len, sched.prefix_cache),  # fmt: skip
+                                       sched.max_model_len, sched.prefix_cache and pool.role != "decode"),  # fmt: skip
             dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
             kv_cache_bytes=sched.kv_bytes,
             page_size=sched.page_size,
@@ -163,8 +160,14 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
             num_gpus=pool.num_gpus,
             resources=dict(pool.resources),
             placement=pool.placement,
-        ))  # fmt: skip
-    engine = engines[0] if len(engines) == 1 else InstanceRouter(engines, pool.name)
+        ) for _ in range(pool.instances)]  # fmt: skip
+    names = {p.role: p.name for p in manifest.pools}
+    if "prefill" in by_role:
+        engine = DisaggRouter(by_role["prefill"], by_role["decode"], (names["prefill"], names["decode"]))
+    elif len(by_role["colocated"]) > 1:
+        engine = InstanceRouter(by_role["colocated"], names["colocated"])
+    else:
+        engine = by_role["colocated"][0]
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
     info = ServingInfo(engine.model_config, str(checkpoint), spec.dtype, manifest.backend, engine.page_size)
     return engine, info

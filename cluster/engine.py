@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cluster.messages import (
     EngineUnavailableError,
@@ -55,6 +56,10 @@ class _Live:
     t_submit: float
     t_first: float | None = None
     pending_abort: bool = False
+    handoff: Handoff | None = None  # prefill-only: called with the state after the first token
+
+
+Handoff = Callable[[Any, "_Live"], None]  # (workers.kv_pool.SeqExport, the request's live state)
 
 
 @dataclass
@@ -107,14 +112,31 @@ class Engine:
             self._thread.join(timeout=10)
 
     # -- API (any thread) --------------------------------------------------------------------
-    def submit(self, request: GenerateRequest, sink: Sink) -> None:
-        """Queue a request; raises RequestError / QueueFullError / EngineUnavailableError."""
+    def submit(self, request: GenerateRequest, sink: Sink, handoff: Handoff | None = None) -> None:
+        """Queue a request; raises RequestError / QueueFullError / EngineUnavailableError.
+        With `handoff` the engine only prefills: after the first token it exports the
+        request's state and calls `handoff(state, live)` instead of decoding on."""
         self._validate(request)
         params = request.sampling
         if params.seed is None:  # fixed now, so a preempted request redraws the same numbers
             params = _with_seed(params, random.getrandbits(62))
         req = SchedRequest(request.uid, list(request.prompt_ids), params)
-        live = _Live(req, sink, TextStream(self.tokenizer, params.stop), time.monotonic())
+        live = _Live(req, sink, TextStream(self.tokenizer, params.stop), time.monotonic(), handoff=handoff)
+        self._enqueue(live)
+
+    def submit_imported(self, prefilled: _Live, sink: Sink, state: Any) -> None:
+        """Continue a request another instance prefilled (KV handoff in): `prefilled` is its
+        live state there (prompt, sampled first token, seeded params, times), `state` its
+        exported KV state. Decoding resumes at the first token, with the same RNG stream."""
+        old = prefilled.req
+        req = SchedRequest(old.uid, list(old.prompt), old.sampling, output=list(old.output), imported=state)
+        text = TextStream(self.tokenizer, old.sampling.stop)
+        for token in old.output:  # already streamed by the prefill instance
+            text.push(token)
+        self._enqueue(_Live(req, sink, text, prefilled.t_submit, prefilled.t_first))
+
+    def _enqueue(self, live: _Live) -> None:
+        request = live.req
         with self._cv:
             if self._draining or self._stopping:
                 raise EngineUnavailableError("the engine is draining and admits no new requests")
@@ -154,6 +176,13 @@ class Engine:
                 return True
             time.sleep(0.005)
         return False
+
+    def worker_nodes(self) -> list[str]:
+        """Where each rank of this instance runs: Ray node addresses, or "local"."""
+        nodes = getattr(self.worker, "nodes", None)
+        if nodes is not None:
+            return list(nodes())
+        return ["local"] * len(getattr(self.worker, "workers", [self.worker]))
 
     def routing_totals(self) -> dict:
         """The workers' per-layer routing and all-to-all stats since the engine started
@@ -273,6 +302,26 @@ class Engine:
             self._emit(live, RequestOutput(uid, (token,), text, lp, **self._usage(live)))
             if reason is not None:
                 self._finish(uid, reason)
+            elif live.handoff is not None:
+                self._hand_off(live)
+
+    def _hand_off(self, live: _Live) -> None:
+        """Prefill done: export the state, let go of the request here, pass it on."""
+        uid = live.req.uid
+        try:
+            state = self.worker.export(uid)
+        except Exception as e:  # the state is gone with its worker: the request fails here
+            log.exception("%s: exporting its state failed", uid)
+            self._finish(uid, "error", error=f"KV handoff failed: {type(e).__name__}: {e}", unavailable=True)
+            return
+        self._live.pop(uid, None)
+        self.scheduler.remove(uid)
+        try:
+            live.handoff(state, live)
+        except Exception as e:  # no decode instance took it: the client still gets a final message
+            log.exception("%s: handoff failed", uid)
+            self._emit(live, RequestOutput(uid, finish_reason="error", error=f"KV handoff failed: {e}",
+                                           unavailable=True, **self._usage(live)))  # fmt: skip
 
     def _stop_reason(self, live: _Live, token: int) -> str | None:
         p = live.req.sampling

@@ -252,8 +252,9 @@ class Gateway:
             tokenizer_vocab_size=VOCAB_SIZE,
         )
 
-    def load(self) -> Any:
-        raw = self.engine.load()
+    def load(self, raw: dict[str, int] | None = None) -> Any:
+        """The engine's load (or `raw`, a load dict) as a Load message."""
+        raw = self.engine.load() if raw is None else raw
         return pb.Load(
             running=raw.get("running", 0),
             waiting=raw.get("waiting", 0),
@@ -268,8 +269,6 @@ class Gateway:
 
     def server_info(self) -> Any:
         load = self.load()
-        instances = self.engine.load().get("instances", 1)
-        pool = pb.PoolInfo(name=self.info.backend, role="mixed", num_instances=instances, load=load)
         return pb.ServerInfo(
             expert_balance=self._expert_balance(),
             backend=self.info.backend,
@@ -277,9 +276,34 @@ class Gateway:
             draining=self.draining,
             uptime_s=time.monotonic() - self.started,
             load=load,
-            pools=[pool],
+            pools=self._pools(),
             totals=_totals(self.metrics),
         )
+
+    def _pools(self) -> list[Any]:
+        """One PoolInfo per pool: its instances' summed load and where their workers run."""
+        pools = getattr(self.engine, "pools", None)
+        groups = pools() if pools is not None else [("colocated", "colocated", [self.engine])]
+        out = []
+        for name, role, engines in groups:
+            loads = [e.load() for e in engines]
+            summed = {k: sum(d.get(k, 0) for d in loads) for k in loads[0]} if loads else {}
+            out.append(pb.PoolInfo(name=name, role=role, num_instances=len(engines), load=self.load(summed),
+                                   workers=self._workers(engines)))  # fmt: skip
+        return out
+
+    @staticmethod
+    def _workers(engines: list[Any]) -> list[Any]:
+        out = []
+        for i, engine in enumerate(engines):
+            nodes = getattr(engine, "worker_nodes", None)
+            try:
+                ranks = nodes() if nodes is not None else []
+            except Exception:  # an info call must not fail because a worker is being rebuilt
+                log.exception("reading the workers' nodes failed")
+                ranks = []
+            out += [pb.WorkerInfo(instance=i, rank=r, node=node) for r, node in enumerate(ranks)]
+        return out
 
     def _expert_balance(self) -> list[Any]:
         totals = getattr(self.engine, "routing_totals", None)

@@ -7,6 +7,7 @@ back; each step the scheduler hands the worker a `StepPlan` and gets a `StepResu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestError(ValueError):
@@ -114,6 +115,7 @@ class StepPlan:
     num_generated: dict[str, int] = field(default_factory=dict)  # uid -> tokens sampled so far (RNG counter)
     snapshots: dict[str, str] = field(default_factory=dict)  # uid -> prefix key: keep its state after this step
     evict: tuple[str, ...] = ()  # prefix keys to forget (before this step runs)
+    imports: dict[str, Any] = field(default_factory=dict)  # uid -> workers.kv_pool.SeqExport (KV handoff in)
 
 
 @dataclass(frozen=True)

@@ -68,10 +68,13 @@ class RankWorker:
     def routing_window(self):
         return self.worker.routing_window()
 
+    def export(self, uid: str):
+        return self.worker.export(uid)
+
     def node(self) -> str:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.util.get_node_ip_address()
 
 
 class _ModelView:
@@ -147,6 +150,7 @@ class RayWorkerGroup:
         self._start()
 
     def nodes(self) -> list[str]:
+        """The address of the node each rank runs on."""
         import ray
 
         return ray.get([a.node.remote() for a in self.actors], timeout=self.step_timeout)
@@ -156,6 +160,14 @@ class RayWorkerGroup:
         import ray
 
         return sum(ray.get([a.num_states.remote() for a in self.actors], timeout=self.step_timeout))
+
+    def export(self, uid: str):
+        """Hand a request's state over from the actor that holds it (through the object store)."""
+        import ray
+
+        rank = self.owner.pop(uid)
+        self.held.pop(uid, None)
+        return ray.get(self.actors[rank].export.remote(uid), timeout=self.step_timeout)
 
     def routing_window(self):
         import ray

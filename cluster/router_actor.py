@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from cluster.engine import Engine, Sink
@@ -115,6 +116,10 @@ class InstanceRouter:
         """Every instance's routing stats since it started, summed (the EPLB input)."""
         return merge(engine.routing_totals() for engine in self.engines)
 
+    def pools(self) -> list[tuple[str, str, list[Engine]]]:
+        """(name, role, instances) of each pool this router places requests on."""
+        return [(self.pool, "colocated", list(self.engines))]
+
     def instance_loads(self) -> list[dict[str, int]]:
         return [engine.load() for engine in self.engines]
 
@@ -127,3 +132,69 @@ class InstanceRouter:
             t.start()
         for t in threads:
             t.join()
+
+
+class DisaggRouter(InstanceRouter):
+    """Prefill and decode pools (DESIGN §2): each new request goes to the emptiest prefill
+    instance, which runs its prompt and samples the first token; its KV state then moves
+    to the emptiest decode instance, which decodes the rest into the same stream.
+
+    The handoff carries the whole V4 state (window and compressor rings, compressed
+    entries, indexer keys), the first token and the seeded sampling parameters, so the
+    tokens equal a colocated instance's. Transport: a reference in one process; the Ray
+    object store from a Ray worker (`RayWorkerGroup.export`).
+    """
+
+    def __init__(
+        self, prefill: list[Engine], decode: list[Engine], names: tuple[str, str] = ("prefill", "decode")
+    ) -> None:
+        if not prefill or not decode:
+            raise ValueError("disaggregated serving needs at least one prefill and one decode instance")
+        super().__init__([*prefill, *decode], pool="+".join(names))
+        self.names = names
+        self.prefill, self.decode = range(len(prefill)), range(len(prefill), len(prefill) + len(decode))
+        self.handoffs = 0
+        self.handoff_bytes = 0
+        self.handoff_s = 0.0
+
+    def _pick_in(self, candidates: range) -> int:
+        return min(candidates, key=lambda i: (self.score(i), i))
+
+    def _pick(self, exclude: int | None = None) -> int:
+        """A retry goes to another prefill instance (it then runs there to the end), else anywhere."""
+        others = [i for i in self.prefill if i != exclude] or [i for i in range(len(self.engines)) if i != exclude]
+        return min(others, key=lambda i: (self.score(i), i))
+
+    def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        placed = _Placed(self._pick_in(self.prefill), request, sink)
+        with self._lock:
+            self._placed[request.uid] = placed
+        try:
+            self.engines[placed.instance].submit(request, lambda out: self._on_output(placed, out),
+                                                 handoff=lambda state, live: self._handoff(placed, state, live))
+        except BaseException:
+            with self._lock:
+                self._placed.pop(request.uid, None)
+            raise
+
+    def _handoff(self, placed: _Placed, state, live) -> None:
+        """In the prefill instance's loop thread: pass the request on to a decode instance."""
+        t0 = time.perf_counter()
+        target = self._pick_in(self.decode)
+        with self._lock:
+            placed.instance = target
+        self.engines[target].submit_imported(live, lambda out: self._on_output(placed, out), state)
+        self.handoffs += 1
+        self.handoff_bytes += state.nbytes()
+        self.handoff_s += time.perf_counter() - t0
+        log.debug("%s: %d tokens of state (%.1f KiB) handed to decode instance %d", placed.request.uid,
+                  state.num_tokens, state.nbytes() / 1024, target - len(self.prefill))  # fmt: skip
+
+    def load(self) -> dict[str, int]:
+        total = super().load()
+        total.update(handoffs=self.handoffs, handoff_bytes=self.handoff_bytes)
+        return total
+
+    def pools(self) -> list[tuple[str, str, list[Engine]]]:
+        return [(self.names[0], "prefill", [self.engines[i] for i in self.prefill]),
+                (self.names[1], "decode", [self.engines[i] for i in self.decode])]  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from cluster.messages import SamplingParams, SeqWork, StepPlan
 from cluster.prefix_cache import PrefixIndex, page_keys
@@ -31,6 +32,7 @@ class SchedRequest:
     page_keys: list[str] = field(default_factory=list)  # prefix keys of its full pages so far
     snaps: list[str] = field(default_factory=list)  # prefixes this request kept (the latest ones)
     prompt_snap: str | None = None  # the one at the prompt's last page boundary (kept longer)
+    imported: Any = None  # a state handed over by a prefill instance (workers.kv_pool.SeqExport)
 
     def keys_upto(self, num_tokens: int, page_size: int) -> list[str]:
         """Its page keys covering at least the first `num_tokens` tokens' full pages."""
@@ -55,6 +57,7 @@ class Scheduler:
         self.kv = kv
         self.prefix = PrefixIndex(kv) if prefix_cache else None
         self._snapshots: dict[str, str] = {}  # uid -> key, for the plan being built
+        self._imports: dict[str, Any] = {}  # uid -> handed-over state, for the plan being built
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.waiting: deque[SchedRequest] = deque()
         self.running: list[SchedRequest] = []  # admission order
@@ -100,7 +103,7 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             hit = None
-            if self.prefix is not None:
+            if self.prefix is not None and req.imported is None:
                 hit = self.prefix.lookup(req.keys_upto(req.tokens, self.kv.page_size), req.tokens)
             while not self.kv.can_grow(req.uid, req.tokens + 1):  # whole prompt must fit to start
                 if self.prefix is None or not self.prefix.evict_one():
@@ -111,6 +114,8 @@ class Scheduler:
             self.running.append(req)
             self._new_in_worker.add(req.uid)
             req.computed, req.cached = (hit[1], hit[1]) if hit else (0, 0)
+            if req.imported is not None:  # its state arrives with the plan
+                req.computed, self._imports[req.uid], req.imported = req.imported.num_tokens, req.imported, None
             n = self._chunk(req, budget)
             self.kv.grow(req.uid, req.computed + n)
             work.append(self._work(req, n, prefix=hit[0] if hit else None))
@@ -164,8 +169,9 @@ class Scheduler:
             num_generated={w.uid: len(by_uid[w.uid].output) for w in work},
             snapshots=snapshots,
             evict=self.prefix.take_plan_changes() if self.prefix is not None else (),
+            imports={u: x for u, x in self._imports.items() if u not in self._to_release},
         )
-        self._to_release, self._snapshots = [], {}
+        self._to_release, self._snapshots, self._imports = [], {}, {}
         return plan
 
     def _grow(self, uid: str, num_tokens: int) -> bool:

@@ -54,6 +54,12 @@ class LocalWorkerGroup:
     def routing_window(self) -> dict[int, LayerStats]:
         return merge(w.routing_window() for w in self.workers)
 
+    def export(self, uid: str):
+        """Hand a request's state over (from the rank that holds it)."""
+        rank = self.owner.pop(uid)
+        self.held.pop(uid, None)
+        return self.workers[rank].export(uid)
+
     def execute(self, plan: StepPlan) -> StepResult:
         assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size, self.prefix_rank)
         plans = split_plan(self.owner, plan, len(self.workers), self.prefix_rank)
@@ -128,6 +134,7 @@ def split_plan(
             sampling={u: p for u, p in plan.sampling.items() if u in mine},
             num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
             snapshots={u: k for u, k in plan.snapshots.items() if u in mine},
+            imports={u: x for u, x in plan.imports.items() if u in mine},
             evict=tuple(k for k, r in evict.items() if r == rank),
         ))  # fmt: skip
     return per_rank

@@ -8,6 +8,7 @@ heads/dims. Positions are absolute raw-token positions of each sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -187,16 +188,30 @@ class Indexer(nn.Module):
             picked.append(torch.where(visible.gather(1, order), order, -1))
         return torch.cat(picked)
 
-    def select_rows(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Decode: q [B, nI, cI], w [B, nI], keys [B, N, cI] of which row b has counts[b]
-        -> picked entries [B, k] (-1 = none). Every existing key is visible to a decode query."""
-        n = keys.shape[1]
-        scores = torch.einsum("bhc,bnc->bhn", q.float(), keys.float()).relu_()
-        scores = torch.einsum("bhn,bh->bn", scores, w)
-        valid = torch.arange(n)[None, :] < counts[:, None]
-        scores = scores.masked_fill(~valid, float("-inf"))
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : min(self.topk, n)]
-        return torch.where(valid.gather(1, order), order, -1)
+    def select_rows(
+        self, q: torch.Tensor, w: torch.Tensor, read: Callable[[torch.Tensor], torch.Tensor], counts: torch.Tensor,
+        tile: int = 1 << 14,
+    ) -> torch.Tensor:  # fmt: skip
+        """Decode: q [B, nI, cI], w [B, nI]; row b has counts[b] keys, `read(ids [B, T])` gives
+        them [B, T, cI] -> picked entries [B, k] (-1 = none). Every existing key is visible
+        to a decode query.
+
+        Keys are read and scored `tile` at a time with a running top-k, so memory is
+        O(B x tile) whatever the context (a 1M-token row has 262144 keys). Ties keep the
+        earlier entry: the running best come first in each stable sort."""
+        n = int(counts.max()) if counts.numel() else 0
+        k = min(self.topk, n)
+        best_s = torch.empty(q.shape[0], 0)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.int64)
+        qf = q.float()
+        for t0 in range(0, n, tile):
+            ids = torch.arange(t0, min(n, t0 + tile)).expand(q.shape[0], -1)
+            scores = torch.einsum("bhc,bnc->bhn", qf, read(ids).float()).relu_()
+            scores = torch.einsum("bhn,bh->bn", scores, w).masked_fill_(ids >= counts[:, None], float("-inf"))
+            s, i = torch.cat((best_s, scores), dim=1), torch.cat((best_i, ids), dim=1)
+            order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+            best_s, best_i = s.gather(1, order), i.gather(1, order)
+        return torch.where(best_s > float("-inf"), best_i, -1)
 
 
 class Attention(nn.Module):
@@ -339,7 +354,7 @@ class Attention(nn.Module):
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
-                picked = self.indexer.select_rows(*idx_q, pool.indexer.read(view.page_table, ids), counts)
+                picked = self.indexer.select_rows(*idx_q, lambda i: pool.indexer.read(view.page_table, i), counts)
                 keys.append(pool.compressor.read(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
         mask = torch.cat(masks, dim=1)

@@ -14,9 +14,11 @@ Per sequence and layer V4 keeps two kinds of state:
   of the layer's entry tensor (epp = entries per page).
 
 A sequence's pages are shared by all layers (each layer has its own tensors, indexed by
-the same page ids), so allocation speaks raw tokens. Capacity grows by doubling when a
-worker was not given its size up front; the engine's `KVCacheManager` decides who may
-grow, this pool only stores.
+the same page ids), so allocation speaks raw tokens. Every method that writes the tensors
+runs in inference mode, as the model's forward does (tensors grown there are inference
+tensors). Capacity grows by doubling when a worker was not given its size up front; the
+engine's `KVCacheManager` decides who may grow, this pool only stores. Snapshots (prefix
+cache) share full pages by reference count; exports (KV handoff) copy a sequence out.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ class Snapshot:
     num_tokens: int
     pages: list[int]
     slot_state: list[list[torch.Tensor]]
+
+
+@dataclass
+class SeqExport:
+    """A sequence's whole state, out of any pool (KV handoff between instances): per layer
+    its slot tensors (window and compressor rings) and its compressed entries / indexer keys."""
+
+    num_tokens: int
+    slot_state: list[list[torch.Tensor]]
+    entries: list[list[torch.Tensor]]  # per layer: [compressor entries, indexer keys] present there
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in (*self.slot_state, *self.entries) for t in layer]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,7 @@ class KVPool:
         self.reserve(slots=1, pages=1)  # page 0 exists, so padded page-table lookups stay in bounds
 
     # -- capacity ---------------------------------------------------------------------
+    @torch.inference_mode()
     def reserve(self, slots: int, pages: int) -> None:
         """Make room for at least this many slots and pages (allocating now, not on demand)."""
         slots, pages = max(slots, self._slot_cap), max(pages, self._page_cap)
@@ -190,6 +207,7 @@ class KVPool:
                 self._free_pages.append(page)
 
     # -- prefix reuse -------------------------------------------------------------------
+    @torch.inference_mode()
     def snapshot(self, st: SeqState) -> Snapshot:
         """Keep `st`'s state as it is now; `st.num_tokens` must be a page boundary (its pages are full)."""
         if st.num_tokens % self.page_size or st.slot < 0:
@@ -200,6 +218,7 @@ class KVPool:
         state = [[t[st.slot].clone() for t in layer.slot_tensors()] for layer in self.layers]
         return Snapshot(st.num_tokens, list(pages), state)
 
+    @torch.inference_mode()
     def restore(self, snap: Snapshot) -> SeqState:
         """A new sequence continuing from `snap` (its pages shared, its rings copied into a new slot)."""
         st = self.new_seq()
@@ -209,6 +228,29 @@ class KVPool:
         for page in snap.pages:
             self._refs[page] = self._refs.get(page, 0) + 1
         st.pages, st.num_tokens = list(snap.pages), snap.num_tokens
+        return st
+
+    @torch.inference_mode()
+    def export(self, st: SeqState) -> SeqExport:
+        """Copy `st`'s state out (the sequence stays; release it separately)."""
+        table = torch.tensor(st.pages or [0], dtype=torch.int64)
+        slot_state = [[t[st.slot].clone() for t in layer.slot_tensors()] for layer in self.layers]
+        entries = [[comp.read(table, torch.arange(st.num_tokens // comp.ratio)) for comp in _comps(layer)]
+                   for layer in self.layers]  # fmt: skip
+        return SeqExport(st.num_tokens, slot_state, entries)
+
+    @torch.inference_mode()
+    def import_(self, exp: SeqExport) -> SeqState:
+        """A new sequence holding an exported state."""
+        st = self.new_seq()
+        self.grow(st, exp.num_tokens)
+        table = torch.tensor(st.pages or [0], dtype=torch.int64)
+        for layer, saved, rows in zip(self.layers, exp.slot_state, exp.entries, strict=True):
+            for t, value in zip(layer.slot_tensors(), saved, strict=True):
+                t[st.slot] = value
+            for comp, value in zip(_comps(layer), rows, strict=True):
+                comp.write(table, torch.arange(value.shape[0]), value)
+        st.num_tokens = exp.num_tokens
         return st
 
     def drop(self, snap: Snapshot) -> None:
@@ -226,6 +268,10 @@ class KVPool:
         table = [st.pages + [0] * (width - len(st.pages)) for st in states]
         table = torch.tensor(table, dtype=torch.int64) if width else torch.zeros(len(states), 1, dtype=torch.int64)
         return StepView(torch.tensor([st.slot for st in states], dtype=torch.int64), table)
+
+
+def _comps(layer: LayerPool) -> list[CompressorPool]:
+    return [c for c in (layer.compressor, layer.indexer) if c is not None]
 
 
 def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
-from workers.kv_pool import SeqState, Snapshot
+from workers.kv_pool import SeqExport, SeqState, Snapshot
 from workers.model import Batch, Transformer
 from workers.sampler import SamplingBatch, sample
 
@@ -50,7 +50,9 @@ class ModelWorker:
         states = []
         for w in plan.work:
             st = self.states.get(w.uid)
-            if st is None and w.prefix is not None:
+            if st is None and w.uid in plan.imports:
+                st = self.states[w.uid] = self.model.kv.import_(plan.imports[w.uid])
+            elif st is None and w.prefix is not None:
                 if w.prefix not in self.prefixes:
                     raise KeyError(f"{w.uid}: cached prefix {w.prefix} is not on this worker")
                 st = self.states[w.uid] = self.model.kv.restore(self.prefixes[w.prefix])
@@ -88,6 +90,12 @@ class ModelWorker:
                     alts = tuple(zip(ids[i][:n], vals[i][:n], strict=True))
                     logprobs[uid] = TokenLogprob(out_tokens[uid], float(chosen[i]), alts)
         return StepResult(tokens=out_tokens, logprobs=logprobs)
+
+    def export(self, uid: str) -> SeqExport:
+        """Hand a request's state over (KV handoff out): copy it out and drop it here."""
+        exp = self.model.kv.export(self.states[uid])
+        self.release(uid)
+        return exp
 
     def release(self, uid: str) -> None:
         st = self.states.pop(uid, None)

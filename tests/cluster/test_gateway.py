@@ -296,6 +296,8 @@ def test_model_and_server_info(server, tiny_checkpoint):
     balance = server.stub.GetServerInfo(pb.GetServerInfoRequest()).expert_balance
     assert [b.layer for b in balance] == list(range(info.num_layers))
     assert all(0 < b.balancedness <= 1 and b.tokens > 0 for b in balance)
+    workers = server.stub.GetServerInfo(pb.GetServerInfoRequest()).pools[0].workers
+    assert [(w.instance, w.rank, w.node) for w in workers] == [(0, 0, "local")]
 
 
 def test_reflection_lists_the_services(server):

@@ -24,6 +24,7 @@ def model(tiny_checkpoint):
     return load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=False, progress=False)
 
 
+@torch.inference_mode()  # the pool's tensors are inference tensors
 def _poison(pool: KVPool) -> None:
     for layer in pool.layers:
         layer.window.fill_(float("nan"))
@@ -101,3 +102,23 @@ def test_page_size_must_divide_into_entries(model):
     other = KVPool([blk.attn for blk in model.layers], torch.float32)
     with pytest.raises(KVPoolError, match="does not belong to this pool"):
         model(Batch.build([torch.tensor([5, 6])], [other.new_seq()]), [other.new_seq()])
+
+
+def test_decode_indexer_tiles_keep_the_same_picks(model):
+    """The decode indexer scores keys a tile at a time with a running top-k: any tile size
+    picks what scoring all keys at once picks, ties go to the earlier entry."""
+    indexer = next(blk.attn.indexer for blk in model.layers if blk.attn.indexer is not None)
+    gen = torch.Generator().manual_seed(6)
+    b, n, nh, c = 5, 300, indexer.n_heads, indexer.head_dim
+    keys = torch.randn(b, n, c, generator=gen)
+    q, w = torch.randn(b, nh, c, generator=gen), torch.randn(b, nh, generator=gen)
+    counts = torch.tensor([300, 1, 0, 17, 150])
+    read = lambda ids: keys.gather(1, ids[..., None].expand(-1, -1, c))  # noqa: E731
+    whole = indexer.select_rows(q, w, read, counts, tile=n)
+    for tile in (1, 7, 64):
+        assert torch.equal(indexer.select_rows(q, w, read, counts, tile=tile), whole), tile
+    k = indexer.topk
+    assert (whole[1] >= 0).sum() == 1 and (whole[2] < 0).all() and (whole[3] >= 0).sum() == min(k, 17)
+    assert all(set(whole[i][whole[i] >= 0].tolist()) <= set(range(int(counts[i]))) for i in range(b))
+    ties = indexer.select_rows(torch.zeros_like(q), w, read, counts, tile=7)  # every score 0
+    assert ties[0].tolist() == list(range(k)) and ties[4].tolist() == list(range(k))
