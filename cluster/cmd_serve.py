@@ -163,7 +163,8 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
         ) for _ in range(pool.instances)]  # fmt: skip
     names = {p.role: p.name for p in manifest.pools}
     if "prefill" in by_role:
-        engine = DisaggRouter(by_role["prefill"], by_role["decode"], (names["prefill"], names["decode"]))
+        engine = DisaggRouter(by_role["prefill"], by_role["decode"], (names["prefill"], names["decode"]),
+                              on_failure=sched.handoff_failure)  # fmt: skip
     elif len(by_role["colocated"]) > 1:
         engine = InstanceRouter(by_role["colocated"], names["colocated"])
     else:

@@ -15,9 +15,10 @@ Ray actors); with one instance it is a pass-through.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.engine import Engine, Sink
 from cluster.messages import EngineUnavailableError, GenerateRequest, RequestOutput
@@ -33,6 +34,8 @@ class _Placed:
     sink: Sink
     streamed: bool = False
     retried: bool = False
+    emitted: int = 0  # tokens the client has been sent
+    skip: int = 0  # tokens of a recompute to swallow (the client has them already)
 
 
 class InstanceRouter:
@@ -146,12 +149,16 @@ class DisaggRouter(InstanceRouter):
     """
 
     def __init__(
-        self, prefill: list[Engine], decode: list[Engine], names: tuple[str, str] = ("prefill", "decode")
-    ) -> None:
+        self, prefill: list[Engine], decode: list[Engine], names: tuple[str, str] = ("prefill", "decode"),
+        on_failure: str = "recompute",
+    ) -> None:  # fmt: skip
         if not prefill or not decode:
             raise ValueError("disaggregated serving needs at least one prefill and one decode instance")
+        if on_failure not in ("recompute", "fail"):
+            raise ValueError(f"on_failure must be recompute or fail, got {on_failure!r}")
         super().__init__([*prefill, *decode], pool="+".join(names))
-        self.names = names
+        self.names, self.on_failure = names, on_failure
+        self.recomputed = 0
         self.prefill, self.decode = range(len(prefill)), range(len(prefill), len(prefill) + len(decode))
         self.handoffs = 0
         self.handoff_bytes = 0
@@ -166,16 +173,49 @@ class DisaggRouter(InstanceRouter):
         return min(others, key=lambda i: (self.score(i), i))
 
     def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        if request.sampling.seed is None:  # fixed here, so that a recompute draws the same tokens
+            request = replace(request, sampling=replace(request.sampling, seed=random.getrandbits(62)))
         placed = _Placed(self._pick_in(self.prefill), request, sink)
         with self._lock:
             self._placed[request.uid] = placed
         try:
-            self.engines[placed.instance].submit(request, lambda out: self._on_output(placed, out),
-                                                 handoff=lambda state, live: self._handoff(placed, state, live))
+            self._start(placed)
         except BaseException:
             with self._lock:
                 self._placed.pop(request.uid, None)
             raise
+
+    def _start(self, placed: _Placed) -> None:
+        engine = self.engines[placed.instance]
+        engine.submit(placed.request, lambda out: self._on_output(placed, out),
+                      handoff=lambda state, live: self._handoff(placed, state, live))  # fmt: skip
+
+    def _on_output(self, placed: _Placed, out: RequestOutput) -> None:
+        """Forward to the client. A request whose state was lost (a prefill worker died
+        before or during the handoff, a decode worker later) is recomputed once from its
+        prompt with the same seed (`on_failure: recompute`; the tokens the client already
+        has are swallowed) or ends UNAVAILABLE (`fail`)."""
+        uid = placed.request.uid
+        if out.unavailable and self.on_failure == "recompute" and not placed.retried:
+            placed.retried, placed.skip = True, placed.emitted
+            placed.instance = self._pick(exclude=placed.instance)
+            try:
+                self._start(placed)
+                self.recomputed += 1
+                log.warning("%s: state lost (%s); recomputing on instance %d", uid, out.error, placed.instance)
+                return
+            except Exception as e:  # nowhere to recompute: the client gets the failure
+                log.error("%s: recompute failed: %s", uid, e)
+        if placed.skip and out.token_ids:  # replayed by the recompute: the client has these
+            placed.skip -= len(out.token_ids)
+            if out.finish_reason is None:
+                return
+            out = replace(out, token_ids=(), text="", logprobs=())
+        placed.emitted += len(out.token_ids)
+        if out.finish_reason is not None:
+            with self._lock:
+                self._placed.pop(uid, None)
+        placed.sink(out)
 
     def _handoff(self, placed: _Placed, state, live) -> None:
         """In the prefill instance's loop thread: pass the request on to a decode instance."""

@@ -169,7 +169,7 @@ class Scheduler:
             num_generated={w.uid: len(by_uid[w.uid].output) for w in work},
             snapshots=snapshots,
             evict=self.prefix.take_plan_changes() if self.prefix is not None else (),
-            imports={u: x for u, x in self._imports.items() if u not in self._to_release},
+            imports={u: x for u, x in self._imports.items() if u in {w.uid for w in work}},  # (after `finished`)
         )
         self._to_release, self._snapshots, self._imports = [], {}, {}
         return plan

@@ -29,6 +29,24 @@ class SeqSlice:
     pos0: int  # absolute position of the first token
 
 
+def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the k largest scores per row [R, W] -> [R, k], largest first, ties to the
+    earlier column: what a stable descending sort's first k columns are, without sorting W.
+
+    torch.topk finds the k-th value v; every score > v is in, and of those == v the earliest
+    ones fill the rest (a row has at most k - 1 scores above v, so exactly k are taken);
+    only those k are then sorted."""
+    if k == 0 or scores.shape[1] <= k:
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    above, equal = scores > kth, scores == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    take = above | (equal & (equal.cumsum(dim=1) <= need))
+    cols = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k columns, in column order
+    order = torch.sort(scores.gather(1, cols), dim=-1, descending=True, stable=True).indices
+    return cols.gather(1, order)
+
+
 def _block_rows(gathered_per_row: int) -> int:
     """Query rows per attention block: 128, fewer when each row gathers many entries (~16 MiB a block)."""
     return max(1, min(128, (1 << 22) // max(1, gathered_per_row)))
@@ -184,7 +202,7 @@ class Indexer(nn.Module):
             visible = torch.arange(n)[None, :] < ((pb + 1) // 4)[:, None]
             scores = torch.einsum("shn,sh->sn", torch.einsum("shc,nc->shn", qb, keys).relu_(), wb)
             scores = scores.masked_fill(~visible, float("-inf"))
-            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+            order = top_k_stable(scores, k)
             picked.append(torch.where(visible.gather(1, order), order, -1))
         return torch.cat(picked)
 
@@ -209,7 +227,7 @@ class Indexer(nn.Module):
             scores = torch.einsum("bhc,bnc->bhn", qf, read(ids).float()).relu_()
             scores = torch.einsum("bhn,bh->bn", scores, w).masked_fill_(ids >= counts[:, None], float("-inf"))
             s, i = torch.cat((best_s, scores), dim=1), torch.cat((best_i, ids), dim=1)
-            order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+            order = top_k_stable(s, k)
             best_s, best_i = s.gather(1, order), i.gather(1, order)
         return torch.where(best_s > float("-inf"), best_i, -1)
 

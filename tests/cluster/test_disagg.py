@@ -148,3 +148,48 @@ def test_handoff_bytes_follow_the_kv_arithmetic(tiny_checkpoint):
         m(Batch.build([torch.randint(3, 120000, (n,))], [st]), [st])
         assert m.kv.export(st).nbytes() == layout.bytes_for(n)
         st.free()
+
+
+def _lose_once(worker, method: str, after: int = 0):
+    """Make `worker.method` fail like a dead worker on its (after+1)-th call."""
+    from cluster.messages import EngineUnavailableError
+
+    real, calls = getattr(worker, method), {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == after + 1:
+            raise EngineUnavailableError(f"{method}: worker lost")
+        return real(*args)
+
+    setattr(worker, method, flaky)
+
+
+@pytest.mark.parametrize("where", ["prefill export", "decode step"])
+def test_lost_state_is_recomputed_without_a_repeated_token(tiny_checkpoint, colocated, where):
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine(ModelWorker(pre), pre.cfg), engine(ModelWorker(dec), dec.cfg)
+    if where == "prefill export":  # the prefill worker dies while handing the state over
+        _lose_once(prefill.worker, "export")
+    else:  # the decode worker dies after a few tokens were streamed
+        _lose_once(decode.worker, "execute", after=3)
+    router = DisaggRouter([prefill], [decode], on_failure="recompute")
+    req = next(r for r in requests() if r.uid == "s128")
+    col = run(router, [req])
+    assert col.tokens("s128") == colocated["s128"] and col.final("s128").finish_reason == "length"
+    assert router.recomputed == 1 and router.wait_idle()
+    assert prefill.kv.used_pages == decode.kv.used_pages == 0 and pre.kv.used_pages == dec.kv.used_pages == 0
+    router.stop()
+
+
+def test_lost_state_fails_fast_with_the_fail_policy(tiny_checkpoint):
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine(ModelWorker(pre), pre.cfg), engine(ModelWorker(dec), dec.cfg)
+    _lose_once(prefill.worker, "export")
+    router = DisaggRouter([prefill], [decode], on_failure="fail")
+    col = run(router, [requests()[2]])
+    final = col.final(requests()[2].uid)
+    assert final.unavailable and final.finish_reason == "error" and "handoff" in final.error
+    assert len(col.tokens(requests()[2].uid)) == 1  # the first token, sampled before the loss
+    assert router.wait_idle() and prefill.kv.used_pages == decode.kv.used_pages == 0 and pre.kv.used_pages == 0
+    router.stop()

@@ -47,8 +47,9 @@ def test_topology_refused_before_start(tiny_checkpoint):
         check_topology(parse_manifest({"instance": {"workers": 3}}), tiny_checkpoint)
     with pytest.raises(ManifestError, match=r"pools\.colocated\.workers: 8 routed experts .* over 16"):
         check_topology(parse_manifest({"pools": {"colocated": {"instances": 2, "workers": 16}}}), tiny_checkpoint)
-    with pytest.raises(ManifestError, match=r"pools\.prefill\.role: prefill/decode pools .* not served yet"):
-        check_topology(parse_manifest({"pools": {"prefill": {}, "decode": {}}}), tiny_checkpoint)
+    check_topology(parse_manifest({"pools": {"prefill": {}, "decode": {"workers": 2}}}), tiny_checkpoint)
+    with pytest.raises(ManifestError, match=r"pools\.decode\.workers: 8 routed experts .* over 3"):
+        check_topology(parse_manifest({"pools": {"prefill": {}, "decode": {"workers": 3}}}), tiny_checkpoint)
     with pytest.raises(ManifestError, match=r"scheduler\.page_size: must be a multiple of 128 .* got 64"):
         check_topology(parse_manifest({"scheduler": {"page_size": 64}}), tiny_checkpoint)
 

@@ -40,7 +40,7 @@ def test_status_reports_load_and_rates(server):
     out = dsv4("status", "--target", f"127.0.0.1:{server.port}", "--interval", "0.2")
     assert out.returncode == 0, out.stderr
     assert "backend inprocess" in out.stdout and "DRAINING" not in out.stdout
-    assert "pool inprocess (mixed): 1 instance(s)" in out.stdout
+    assert "pool colocated (colocated): 1 instance(s)" in out.stdout
     assert "totals: 1 requests" in out.stdout and "KV 0/" in out.stdout
 
 

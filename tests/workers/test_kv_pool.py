@@ -122,3 +122,15 @@ def test_decode_indexer_tiles_keep_the_same_picks(model):
     assert all(set(whole[i][whole[i] >= 0].tolist()) <= set(range(int(counts[i]))) for i in range(b))
     ties = indexer.select_rows(torch.zeros_like(q), w, read, counts, tile=7)  # every score 0
     assert ties[0].tolist() == list(range(k)) and ties[4].tolist() == list(range(k))
+
+
+def test_top_k_stable_is_a_stable_sort_prefix():
+    from workers.attention import top_k_stable
+
+    gen = torch.Generator().manual_seed(9)
+    for width, k in ((50, 7), (50, 50), (3, 5), (1000, 16)):
+        scores = torch.randint(0, 6, (8, width), generator=gen).float()  # many ties
+        scores[0] = float("-inf")  # a row with nothing visible
+        scores[1, width // 2 :] = float("-inf")
+        want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(top_k_stable(scores, k), want), (width, k)
