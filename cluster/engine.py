@@ -129,7 +129,8 @@ class Engine:
         live state there (prompt, sampled first token, seeded params, times), `state` its
         exported KV state. Decoding resumes at the first token, with the same RNG stream."""
         old = prefilled.req
-        req = SchedRequest(old.uid, list(old.prompt), old.sampling, output=list(old.output), imported=state)
+        req = SchedRequest(old.uid, list(old.prompt), old.sampling, output=list(old.output), imported=state,
+                           cached=old.cached)  # fmt: skip
         text = TextStream(self.tokenizer, old.sampling.stop)
         for token in old.output:  # already streamed by the prefill instance
             text.push(token)

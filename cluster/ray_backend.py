@@ -100,6 +100,7 @@ class RayWorkerGroup:
         self.page_size = page_size
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
+        self.stopped = False
         self.held: dict[str, int] = {}  # uid -> tokens in its state
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self._start()
@@ -137,9 +138,11 @@ class RayWorkerGroup:
         log.info("ray instance up: %d workers in %.1fs", self.world_size, time.perf_counter() - t0)
 
     def stop(self) -> None:
+        """Kill the actors and free the placement group; later steps fail instead of rebuilding."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        self.stopped = True
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
@@ -148,6 +151,7 @@ class RayWorkerGroup:
         log.warning("rebuilding the ray instance (%d workers)", self.world_size)
         self.stop()
         self._start()
+        self.stopped = False
 
     def nodes(self) -> list[str]:
         """The address of the node each rank runs on."""
@@ -189,6 +193,8 @@ class RayWorkerGroup:
         try:
             results = ray.get(refs, timeout=self.step_timeout)
         except (ray.exceptions.RayError, TimeoutError) as e:
+            if self.stopped:  # stopped on purpose: no new placement group behind the owner's back
+                raise WorkerLostError("the instance was stopped") from e
             self.rebuild()  # every request's state was on the lost instance
             raise WorkerLostError(f"a worker of the instance was lost ({type(e).__name__}); rebuilt") from e
         return merge_results(results)

@@ -113,9 +113,10 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(req)
             self._new_in_worker.add(req.uid)
-            req.computed, req.cached = (hit[1], hit[1]) if hit else (0, 0)
-            if req.imported is not None:  # its state arrives with the plan
+            if req.imported is not None:  # its state arrives with the plan (`cached` came with it)
                 req.computed, self._imports[req.uid], req.imported = req.imported.num_tokens, req.imported, None
+            else:
+                req.computed, req.cached = (hit[1], hit[1]) if hit else (0, 0)
             n = self._chunk(req, budget)
             self.kv.grow(req.uid, req.computed + n)
             work.append(self._work(req, n, prefix=hit[0] if hit else None))

@@ -193,3 +193,17 @@ def test_lost_state_fails_fast_with_the_fail_policy(tiny_checkpoint):
     assert len(col.tokens(requests()[2].uid)) == 1  # the first token, sampled before the loss
     assert router.wait_idle() and prefill.kv.used_pages == decode.kv.used_pages == 0 and pre.kv.used_pages == 0
     router.stop()
+
+
+def test_prefill_pool_prefix_cache_reaches_the_client(tiny_checkpoint):
+    """A prefill instance with the prefix cache: later turns resume there, and the usage
+    the decode instance sends at the end reports those cached tokens."""
+    from tests.cluster.test_prefix_cache import agent_loop, engine_for
+
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine_for(ModelWorker(pre), pre.cfg, True), engine_for(ModelWorker(dec), dec.cfg, False)
+    router = DisaggRouter([prefill], [decode])
+    got = agent_loop(router)
+    # turn t resumes at its previous prompt's last page boundary (150 -> 128, 340 -> 256)
+    assert [c for _, c in got] == [0, 128, 256] and prefill.load()["prefix_hits"] == 2
+    router.stop()

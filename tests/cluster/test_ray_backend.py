@@ -87,8 +87,8 @@ def test_workers_on_two_nodes_match_one_process(ray_cluster, tiny_checkpoint, wo
     for r in requests():
         assert col.tokens(r.uid) == ref.tokens(r.uid), r.uid
     assert engine.wait_idle() and engine.kv.used_pages == 0
+    engine.stop()  # the engine first: its loop must not step (and rebuild) a stopped group
     engine.worker.stop()
-    engine.stop()
 
 
 def test_killed_worker_fails_requests_fast_and_instance_is_rebuilt(ray_cluster, tiny_checkpoint):
@@ -107,5 +107,38 @@ def test_killed_worker_fails_requests_fast_and_instance_is_rebuilt(ray_cluster, 
     assert col.final("long").finish_reason == "error" and col.final("long").unavailable  # gRPC: UNAVAILABLE
     after = run(engine, requests()[:1])  # the rebuilt instance serves again
     assert after.final("r0").finish_reason == "length" and len(after.tokens("r0")) == 8
+    engine.stop()  # the engine first: its loop must not step (and rebuild) a stopped group
     engine.worker.stop()
-    engine.stop()
+
+
+def test_prefix_cache_and_kv_handoff_across_ray_actors(ray_cluster, tiny_checkpoint):
+    """Prefixes kept on Ray actors and states handed from one Ray instance to another
+    (through the object store) give the tokens of one plain process."""
+    from cluster.ray_backend import RayWorkerGroup
+    from cluster.router_actor import DisaggRouter
+    from tests.cluster.test_prefix_cache import agent_loop
+
+    local = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False, simulate_quant=False)
+    ref = agent_loop(local)
+    local.stop()
+
+    def instance(prefix_cache: bool) -> Engine:
+        group = RayWorkerGroup(tiny_checkpoint, 2, dtype="float32", simulate_quant=False, num_cpus=1,
+                               resources=[{"node_a": 1}, {"node_b": 1}], step_timeout=120)  # fmt: skip
+        kv = KVCacheManager(KVLayout.for_model(group.model.cfg, 4), num_pages=4096)
+        return Engine(group, load_tokenizer(), kv, EngineConfig(prefix_cache=prefix_cache)).start()
+
+    prefill, decode = instance(True), instance(False)
+    router = DisaggRouter([prefill], [decode])
+    got = agent_loop(router)
+    assert [a for a, _ in got] == [a for a, _ in ref]
+    assert got[1][1] > 0 and got[2][1] > 0  # the prefill actors kept the earlier turns' prompts
+    assert router.handoffs == 3 and router.wait_idle()
+    assert prefill.kv.used_pages - prefill.load()["kv_pages_cached"] == 0 and decode.kv.used_pages == 0
+    router.stop()
+    for e in (prefill, decode):
+        e.worker.stop()
+    deadline = time.monotonic() + 30  # placement groups are removed asynchronously
+    while any(k.startswith("node_a_group") for k in ray.available_resources()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(k.startswith("node_a_group") for k in ray.available_resources())  # none left behind
