@@ -184,51 +184,39 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * self.weight_scale
         return q, w
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One chunk: q [S, nI, cI], w [S, nI], keys [N, cI] -> picked entries [S, k] (-1 = none).
-
-        score[t, j] = sum_h w[t, h] * relu(q[t, h] . keys[j]); invisible entries (j >=
-        (t+1)//4) are never picked; ties go to the earlier entry (stable sort) so that any
-        chunking picks the same set. Queries run in blocks so the [rows, nI, N] scores stay
-        bounded (about 64 MiB).
-        """
-        n = keys.shape[0]
-        k = min(self.topk, n)
-        keys = keys.float()
-        rows = max(1, min(q.shape[0], (1 << 24) // max(1, self.n_heads * n)))
-        picked = []
-        for b0 in range(0, q.shape[0], rows):
-            qb, wb, pb = q[b0 : b0 + rows].float(), w[b0 : b0 + rows], positions[b0 : b0 + rows]
-            visible = torch.arange(n)[None, :] < ((pb + 1) // 4)[:, None]
-            scores = torch.einsum("shn,sh->sn", torch.einsum("shc,nc->shn", qb, keys).relu_(), wb)
-            scores = scores.masked_fill(~visible, float("-inf"))
-            order = top_k_stable(scores, k)
-            picked.append(torch.where(visible.gather(1, order), order, -1))
-        return torch.cat(picked)
-
-    def select_rows(
-        self, q: torch.Tensor, w: torch.Tensor, read: Callable[[torch.Tensor], torch.Tensor], counts: torch.Tensor,
+    def select(
+        self, q: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, read: Callable[[int, int], torch.Tensor],
         tile: int = 1 << 14,
     ) -> torch.Tensor:  # fmt: skip
-        """Decode: q [B, nI, cI], w [B, nI]; row b has counts[b] keys, `read(ids [B, T])` gives
-        them [B, T, cI] -> picked entries [B, k] (-1 = none). Every existing key is visible
-        to a decode query.
+        """q [R, nI, cI], w [R, nI]; row r sees its first counts[r] keys; `read(a, b)` gives keys
+        a..b-1, shared by every row [b-a, cI] (one sequence's prefill chunk) or per row
+        [R, b-a, cI] (a decode batch) -> picked entries [R, k] (-1 = none).
 
-        Keys are read and scored `tile` at a time with a running top-k, so memory is
-        O(B x tile) whatever the context (a 1M-token row has 262144 keys). Ties keep the
-        earlier entry: the running best come first in each stable sort."""
+        score[r, j] = sum_h w[r, h] * relu(q[r, h] . keys[j]). Keys are read and scored
+        `tile` at a time with a running top-k, and rows in blocks, so memory is bounded by
+        the tile (~64 MiB of scores), never [R, N/4] (a 1M-token sequence has 262144
+        keys). Ties keep the earlier entry (the running best come first in each stable
+        selection), so any chunking or tiling picks the same set."""
+        rows, dev = q.shape[0], q.device
         n = int(counts.max()) if counts.numel() else 0
         k = min(self.topk, n)
-        best_s = torch.empty(q.shape[0], 0)
-        best_i = torch.empty(q.shape[0], 0, dtype=torch.int64)
+        best_s = torch.empty(rows, 0, device=dev)
+        best_i = torch.empty(rows, 0, dtype=torch.int64, device=dev)
         qf = q.float()
         for t0 in range(0, n, tile):
-            ids = torch.arange(t0, min(n, t0 + tile)).expand(q.shape[0], -1)
-            scores = torch.einsum("bhc,bnc->bhn", qf, read(ids).float()).relu_()
-            scores = torch.einsum("bhn,bh->bn", scores, w).masked_fill_(ids >= counts[:, None], float("-inf"))
-            s, i = torch.cat((best_s, scores), dim=1), torch.cat((best_i, ids), dim=1)
-            order = top_k_stable(s, k)
-            best_s, best_i = s.gather(1, order), i.gather(1, order)
+            ids = torch.arange(t0, min(n, t0 + tile), device=dev)
+            keys = read(t0, t0 + ids.shape[0]).float()
+            block = max(1, (1 << 24) // (self.n_heads * ids.shape[0]))
+            parts = []
+            for b0 in range(0, rows, block):
+                b = slice(b0, b0 + block)
+                kb = keys if keys.dim() == 2 else keys[b]
+                s = torch.einsum("bhc,nc->bhn" if kb.dim() == 2 else "bhc,bnc->bhn", qf[b], kb).relu_()
+                s = torch.einsum("bhn,bh->bn", s, w[b]).masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))
+                s, i = torch.cat((best_s[b], s), dim=1), torch.cat((best_i[b], ids.expand(s.shape[0], -1)), dim=1)
+                order = top_k_stable(s, k)
+                parts.append((s.gather(1, order), i.gather(1, order)))
+            best_s, best_i = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return torch.where(best_s > float("-inf"), best_i, -1)
 
 
@@ -280,51 +268,57 @@ class Attention(nn.Module):
         for i, sq in enumerate(seqs):
             rows, slot, table = slice(sq.start, sq.end), int(view.slots[i]), view.page_table[i]
             before = pool.window[slot, torch.arange(max(0, sq.pos0 - self.window + 1), sq.pos0) % ring]
-            entries, chosen = None, None
+            entries = None
             if comp is not None:
                 c0, c1 = comp[0][rows], comp[1][rows]
                 n = self.compressor.update(pool.compressor, slot, table, c0, c1, sq.pos0, inv_freq, simulate_quant)
-                entries = pool.compressor.read(table, torch.arange(n))
-                chosen = self._compressed_mask(sq, slot, table, pool, positions[rows], n, idx_q, idx_comp, inv_freq,
-                                               simulate_quant)  # fmt: skip
-            out[rows] = self._attend(q[rows], kv[rows], positions[rows], before, entries, chosen)
+                entries = self._chunk_entries(sq, slot, table, pool, positions[rows], n, idx_q, idx_comp, inv_freq,
+                                              simulate_quant)  # fmt: skip
+            out[rows] = self._attend(q[rows], kv[rows], positions[rows], before, entries)
             keep = torch.arange(max(sq.pos0, sq.end - sq.start + sq.pos0 - ring), sq.pos0 + sq.end - sq.start)
             pool.window[slot, keep % ring] = kv[sq.start + keep - sq.pos0]
         out = apply_rope(out, cos, sin, inverse=True)
         return self._project_out(out)
 
-    def _compressed_mask(
+    def _chunk_entries(
         self, sq: SeqSlice, slot: int, table: torch.Tensor, pool: LayerPool, positions: torch.Tensor, n: int,
         idx_q, idx_comp, inv_freq, simulate_quant,
-    ) -> torch.Tensor:  # fmt: skip
-        """HCA: [S, n] mask of the visible entries; CSA: [S, k] entries picked by the indexer (-1 = none)."""
-        if self.indexer is None:  # HCA: every complete block so far
-            return torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The compressed entries one prefill chunk attends to, with which query sees which.
+
+        HCA: (all n entries [n, D], visibility mask [S, n]). CSA: (the indexer's picks
+        [S, k] (-1 = none), a reader of entries by id) -- entries are gathered through the
+        page table per query block, never all N/4 of them at once."""
+        if self.indexer is None:  # HCA: every complete block so far (N/128 entries: few)
+            mask = torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
+            return pool.compressor.read(table, torch.arange(n)), mask
         rows = slice(sq.start, sq.end)
         n_keys = self.indexer.compressor.update(
             pool.indexer, slot, table, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
         )
-        keys = pool.indexer.read(table, torch.arange(n_keys))
-        return self.indexer.select(idx_q[0][rows], idx_q[1][rows], keys, positions)
+        picked = self.indexer.select(idx_q[0][rows], idx_q[1][rows], torch.clamp((positions + 1) // 4, max=n_keys),
+                                     lambda a, b: pool.indexer.read(table, torch.arange(a, b)))  # fmt: skip
+        return picked, lambda ids: pool.compressor.read(table.expand(ids.shape[0], -1), ids)
 
     def _attend(
         self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
-        entries: torch.Tensor | None, chosen: torch.Tensor | None,
+        entries: tuple[torch.Tensor, object] | None,
     ) -> torch.Tensor:  # fmt: skip
         """One chunk: q [S, H, D], kv [S, D], the window rows before it [lw, D] -> [S, H, D];
         one softmax per head with the sink.
 
         Queries run in blocks, each against only the window rows it can see (so the cost
-        is linear in S) plus its compressed entries: all visible ones on HCA layers
-        (`chosen` is a mask [S, N]), the indexer's picks gathered per query on CSA layers
-        (`chosen` is [S, k] entry ids, -1 = none).
+        is linear in S) plus its compressed entries (`_chunk_entries`): all visible ones
+        on HCA layers, the indexer's picks gathered per query block on CSA layers.
         """
         lw, width = before.shape[0], self.window
         keys = torch.cat((before, kv)).float()  # row j holds position pos0 - lw + j
-        has_entries = entries is not None and entries.shape[0] > 0
-        entries = entries.float() if has_entries else None
-        gathered = has_entries and self.indexer is not None
-        rows = _block_rows(chosen.shape[1] * self.head_dim if gathered else 0)
+        dense = gathered = None
+        if entries is not None and self.indexer is None and entries[0].shape[0] > 0:
+            dense = (entries[0].float(), entries[1])
+        elif entries is not None and self.indexer is not None and entries[0].shape[1] > 0:
+            gathered = entries
+        rows = _block_rows(gathered[0].shape[1] * self.head_dim if gathered else 0)
         pos0, qf = int(positions[0]), q.float() * self.head_dim**-0.5
         out = torch.empty(q.shape, dtype=torch.float32)
         for b0 in range(0, q.shape[0], rows):
@@ -333,14 +327,14 @@ class Attention(nn.Module):
             kw = keys[k0 : lw + b1]
             delta = positions[b0:b1, None] - (pos0 - lw + torch.arange(k0, lw + b1))[None, :]
             mask = (delta >= 0) & (delta < width)
-            if has_entries and not gathered:  # HCA: dense over the (few) 128x entries
-                kw, mask = torch.cat((kw, entries)), torch.cat((mask, chosen[b0:b1]), dim=1)
+            if dense is not None:  # HCA: dense over the (few) 128x entries
+                kw, mask = torch.cat((kw, dense[0])), torch.cat((mask, dense[1][b0:b1]), dim=1)
             logits = torch.einsum("shd,ld->shl", qf[b0:b1], kw)
-            if not gathered:
+            if gathered is None:
                 out[b0:b1] = torch.einsum("shl,ld->shd", self._softmax_with_sink(logits, mask), kw)
                 continue
-            picked = chosen[b0:b1]
-            picked_keys = entries[picked.clamp(min=0)]  # [Sb, k, D]
+            picked = gathered[0][b0:b1]
+            picked_keys = gathered[1](picked.clamp(min=0)).float()  # [Sb, k, D]
             logits = torch.cat((logits, torch.einsum("shd,skd->shk", qf[b0:b1], picked_keys)), dim=-1)
             probs = self._softmax_with_sink(logits, torch.cat((mask, picked >= 0), dim=1))
             out[b0:b1] = torch.einsum("shl,ld->shd", probs[..., : kw.shape[0]], kw) + torch.einsum(
@@ -372,7 +366,9 @@ class Attention(nn.Module):
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
-                picked = self.indexer.select_rows(*idx_q, lambda i: pool.indexer.read(view.page_table, i), counts)
+                b = len(positions)
+                picked = self.indexer.select(*idx_q, counts, lambda t0, t1: pool.indexer.read(
+                    view.page_table, torch.arange(t0, t1).expand(b, -1)))  # fmt: skip
                 keys.append(pool.compressor.read(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
         mask = torch.cat(masks, dim=1)

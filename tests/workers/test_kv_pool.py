@@ -104,23 +104,29 @@ def test_page_size_must_divide_into_entries(model):
         model(Batch.build([torch.tensor([5, 6])], [other.new_seq()]), [other.new_seq()])
 
 
-def test_decode_indexer_tiles_keep_the_same_picks(model):
-    """The decode indexer scores keys a tile at a time with a running top-k: any tile size
-    picks what scoring all keys at once picks, ties go to the earlier entry."""
+def test_indexer_tiles_pick_what_the_kernel_reference_picks(model):
+    """The indexer scores keys a tile at a time with a running top-k (rows in blocks): any
+    tile picks what `kernels.indexer_topk_ref` (all scores at once, a stable sort) picks,
+    for shared keys (a prefill chunk) and per-row keys (a decode batch); ties go to the
+    earlier entry."""
+    from kernels.indexer_topk import indexer_topk_ref
+
     indexer = next(blk.attn.indexer for blk in model.layers if blk.attn.indexer is not None)
     gen = torch.Generator().manual_seed(6)
     b, n, nh, c = 5, 300, indexer.n_heads, indexer.head_dim
     keys = torch.randn(b, n, c, generator=gen)
     q, w = torch.randn(b, nh, c, generator=gen), torch.randn(b, nh, generator=gen)
     counts = torch.tensor([300, 1, 0, 17, 150])
-    read = lambda ids: keys.gather(1, ids[..., None].expand(-1, -1, c))  # noqa: E731
-    whole = indexer.select_rows(q, w, read, counts, tile=n)
-    for tile in (1, 7, 64):
-        assert torch.equal(indexer.select_rows(q, w, read, counts, tile=tile), whole), tile
-    k = indexer.topk
-    assert (whole[1] >= 0).sum() == 1 and (whole[2] < 0).all() and (whole[3] >= 0).sum() == min(k, 17)
-    assert all(set(whole[i][whole[i] >= 0].tolist()) <= set(range(int(counts[i]))) for i in range(b))
-    ties = indexer.select_rows(torch.zeros_like(q), w, read, counts, tile=7)  # every score 0
+    k = min(indexer.topk, n)
+    per_row = lambda t0, t1: keys[:, t0:t1]  # noqa: E731
+    expect = torch.stack([indexer_topk_ref(q[i : i + 1], w[i : i + 1], keys[i], counts[i : i + 1], k)[0]
+                          for i in range(b)]).long()  # fmt: skip
+    shared = indexer_topk_ref(q, w, keys[0], counts, k).long()
+    for tile in (1, 7, 64, n):
+        assert torch.equal(indexer.select(q, w, counts, per_row, tile=tile), expect), tile
+        assert torch.equal(indexer.select(q, w, counts, lambda t0, t1: keys[0, t0:t1], tile=tile), shared), tile
+    assert (expect[1] >= 0).sum() == 1 and (expect[2] < 0).all() and (expect[3] >= 0).sum() == min(k, 17)
+    ties = indexer.select(torch.zeros_like(q), w, counts, per_row, tile=7)  # every score 0
     assert ties[0].tolist() == list(range(k)) and ties[4].tolist() == list(range(k))
 
 
