@@ -65,6 +65,7 @@ class Kernel:
 
 
 _STDLIB_LOCK = threading.Lock()
+_MISSING = object()
 
 
 @contextmanager
@@ -80,15 +81,23 @@ def _interpretable_stdlib() -> Iterator[None]:
     except ImportError:
         pass
     owners = [tl, tl.core, tl.standard, tl.math, tl.tensor]
+    patched = [*owners, tl.core.tensor_descriptor_base] if hasattr(tl.core, "tensor_descriptor_base") else owners
     with _STDLIB_LOCK:
+        before = [(o, dict(vars(o))) for o in patched]
         saved = [(o, k, v) for o in owners for k, v in vars(o).items() if isinstance(v, JITFunction)]
         try:
             for owner, name, fn in saved:
                 setattr(owner, name, InterpretedFunction(fn.fn))
             yield
         finally:
-            for owner, name, fn in saved:
-                setattr(owner, name, fn)
+            # An interpreted library call patches triton.language for the interpreter and
+            # never undoes it (Triton 3.7), which would break later compiled-mode kernels
+            # in this process: put every attribute it replaced back (names it added stay:
+            # cached rewritten kernels refer to them).
+            for owner, attrs in before:
+                for name, value in attrs.items():
+                    if vars(owner).get(name, _MISSING) is not value:
+                        setattr(owner, name, value)
 
 
 def kernel(fn: Callable[..., None]) -> Kernel:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
 from workers.config import ModelConfig
 from workers.kv_pool import CompressorPool, LayerPool, StepView
-from workers.layers import Linear, RMSNorm, apply_rope, rms_scale
+from workers.layers import Linear, RMSNorm, apply_rope
 from workers.quant import fp4_qdq, fp8_qdq, hadamard
 
 
@@ -85,25 +86,26 @@ class Compressor(nn.Module):
         Returns the sequence's number of entries after the chunk."""
         r, ring = self.ratio, pool.ring
         end = pos0 + kv.shape[0]
-        score = score + self.ape[torch.arange(pos0, end) % r]
+        dev = kv.device
+        score = score + self.ape[torch.arange(pos0, end, device=dev) % r]
         k0, k1 = pos0 // r, end // r  # blocks k0 .. k1-1 complete in this chunk
         if k1 > k0:
             first = (k0 - 1) * r if self.overlap else k0 * r  # first position those blocks read
-            held = torch.arange(max(first, 0), pos0) % ring
+            held = torch.arange(max(first, 0), pos0, device=dev) % ring
             rows_kv = torch.cat((pool.ring_kv[slot, held], kv))[: k1 * r - max(first, 0)]
             rows_score = torch.cat((pool.ring_score[slot, held], score))[: k1 * r - max(first, 0)]
             if first < 0:  # block 0 has no previous block: it pools (0, -inf)
                 rows_kv = torch.cat((torch.zeros_like(rows_kv[:r]), rows_kv))
                 rows_score = torch.cat((torch.full_like(rows_score[:r], float("-inf")), rows_score))
             rows_kv, rows_score = rows_kv.unflatten(0, (-1, r)), rows_score.unflatten(0, (-1, r))
-            ids = torch.arange(k0, k1)
+            ids = torch.arange(k0, k1, device=dev)
             if self.overlap:
                 entries = self._emit(rows_kv[1:], rows_score[1:], rows_kv[:-1], rows_score[:-1], ids * r,
                                      inv_freq, simulate_quant, pool.dtype)  # fmt: skip
             else:
                 entries = self._emit(rows_kv, rows_score, None, None, ids * r, inv_freq, simulate_quant, pool.dtype)
             pool.write(page_table, ids, entries)
-        keep = torch.arange(max(pos0, end - ring), end)
+        keep = torch.arange(max(pos0, end - ring), end, device=dev)
         pool.ring_kv[slot, keep % ring] = kv[keep - pos0]
         pool.ring_score[slot, keep % ring] = score[keep - pos0]
         return k1
@@ -122,7 +124,7 @@ class Compressor(nn.Module):
         if closing.numel() == 0:
             return
         last = positions[closing]
-        held = last[:, None] + 1 - ring + torch.arange(ring)  # the positions each closing block reads
+        held = last[:, None] + 1 - ring + torch.arange(ring, device=kv.device)  # the positions each closing block reads
         slots = view.slots[closing, None]
         rows_kv, rows_score = pool.ring_kv[slots, held % ring], pool.ring_score[slots, held % ring]
         prev_kv = prev_score = None
@@ -145,11 +147,7 @@ class Compressor(nn.Module):
         With overlap, the 2r slots are the previous block's first half then this block's
         second half; softmax over slots per channel; RMSNorm; RoPE at the block start;
         then the FP8 (main) or Hadamard + FP4 (indexer) simulation."""
-        c = self.width
-        if self.overlap:
-            kv = torch.cat((prev_kv[..., :c], kv[..., c:]), dim=1)
-            score = torch.cat((prev_score[..., :c], score[..., c:]), dim=1)
-        pooled = (kv * score.softmax(dim=1)).sum(dim=1)  # [n, c]
+        pooled = kernels.compressor_pool(kv, score, prev_kv, prev_score)  # [n, c]
         entries = self.norm(pooled.to(dtype))
         angles = starts.float()[:, None] * inv_freq[None, :]
         entries = apply_rope(entries, angles.cos(), angles.sin())
@@ -241,6 +239,7 @@ class Attention(nn.Module):
         self.attn_sink = nn.Parameter(torch.empty(h, dtype=torch.float32), requires_grad=False)
         self.compressor = Compressor(cfg, self.ratio, hd, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
+        self.kernel_path: bool | None = None  # attend through kernels/ (None: where kernels.use_triton says)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -251,8 +250,8 @@ class Attention(nn.Module):
         inv_freq, cos, sin = rope
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(rms_scale(q, self.eps), cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        q = kernels.rmsnorm_rope(q, None, cos, sin, self.eps)
+        kv = kernels.rmsnorm_rope(self.wkv(x), self.kv_norm.weight, cos, sin, self.eps)
         if simulate_quant:
             kv = torch.cat((fp8_qdq(kv[:, : -self.rd], 64), kv[:, -self.rd :]), dim=-1)
         comp = self.compressor.project(x) if self.compressor is not None else None
@@ -263,41 +262,47 @@ class Attention(nn.Module):
         if seqs and all(sq.end - sq.start == 1 for sq in seqs):
             out = self._decode(q, kv, positions, comp, idx_q, idx_comp, pool, view, inv_freq, simulate_quant)
             return self._project_out(apply_rope(out, cos, sin, inverse=True))
-        out = torch.empty_like(q)
-        ring = pool.window.shape[1]
+        out, ring, dev = torch.empty_like(q), pool.window.shape[1], q.device
+        fused = self._fused(q)
+        attend = self._attend_fused if fused else self._attend
         for i, sq in enumerate(seqs):
             rows, slot, table = slice(sq.start, sq.end), int(view.slots[i]), view.page_table[i]
-            before = pool.window[slot, torch.arange(max(0, sq.pos0 - self.window + 1), sq.pos0) % ring]
+            before = pool.window[slot, torch.arange(max(0, sq.pos0 - self.window + 1), sq.pos0, device=dev) % ring]
             entries = None
             if comp is not None:
                 c0, c1 = comp[0][rows], comp[1][rows]
                 n = self.compressor.update(pool.compressor, slot, table, c0, c1, sq.pos0, inv_freq, simulate_quant)
                 entries = self._chunk_entries(sq, slot, table, pool, positions[rows], n, idx_q, idx_comp, inv_freq,
-                                              simulate_quant)  # fmt: skip
-            out[rows] = self._attend(q[rows], kv[rows], positions[rows], before, entries)
-            keep = torch.arange(max(sq.pos0, sq.end - sq.start + sq.pos0 - ring), sq.pos0 + sq.end - sq.start)
+                                              simulate_quant, fused)  # fmt: skip
+            out[rows] = attend(q[rows], kv[rows], positions[rows], before, entries)
+            keep = torch.arange(max(sq.pos0, sq.end - sq.start + sq.pos0 - ring), sq.pos0 + sq.end - sq.start,
+                                device=dev)  # fmt: skip
             pool.window[slot, keep % ring] = kv[sq.start + keep - sq.pos0]
         out = apply_rope(out, cos, sin, inverse=True)
         return self._project_out(out)
 
     def _chunk_entries(
         self, sq: SeqSlice, slot: int, table: torch.Tensor, pool: LayerPool, positions: torch.Tensor, n: int,
-        idx_q, idx_comp, inv_freq, simulate_quant,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        idx_q, idx_comp, inv_freq, simulate_quant, fused: bool,
+    ) -> tuple[torch.Tensor, object]:  # fmt: skip
         """The compressed entries one prefill chunk attends to, with which query sees which.
 
         HCA: (all n entries [n, D], visibility mask [S, n]). CSA: (the indexer's picks
         [S, k] (-1 = none), a reader of entries by id) -- entries are gathered through the
         page table per query block, never all N/4 of them at once."""
         if self.indexer is None:  # HCA: every complete block so far (N/128 entries: few)
-            mask = torch.arange(n)[None, :] < ((positions + 1) // self.ratio)[:, None]
-            return pool.compressor.read(table, torch.arange(n)), mask
+            ids = torch.arange(n, device=positions.device)
+            return pool.compressor.read(table, ids), ids[None, :] < ((positions + 1) // self.ratio)[:, None]
         rows = slice(sq.start, sq.end)
         n_keys = self.indexer.compressor.update(
             pool.indexer, slot, table, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
         )
-        picked = self.indexer.select(idx_q[0][rows], idx_q[1][rows], torch.clamp((positions + 1) // 4, max=n_keys),
-                                     lambda a, b: pool.indexer.read(table, torch.arange(a, b)))  # fmt: skip
+        counts, k = torch.clamp((positions + 1) // 4, max=n_keys), min(self.indexer.topk, n_keys)
+        read_keys = lambda a, b: pool.indexer.read(table, torch.arange(a, b, device=table.device))  # noqa: E731
+        if fused and k:  # one sequence's keys, scored and selected by the fused kernel
+            picked = kernels.indexer_topk(idx_q[0][rows], idx_q[1][rows], read_keys(0, n_keys), counts, k).long()
+        else:
+            picked = self.indexer.select(idx_q[0][rows], idx_q[1][rows], counts, read_keys)
         return picked, lambda ids: pool.compressor.read(table.expand(ids.shape[0], -1), ids)
 
     def _attend(
@@ -320,12 +325,12 @@ class Attention(nn.Module):
             gathered = entries
         rows = _block_rows(gathered[0].shape[1] * self.head_dim if gathered else 0)
         pos0, qf = int(positions[0]), q.float() * self.head_dim**-0.5
-        out = torch.empty(q.shape, dtype=torch.float32)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         for b0 in range(0, q.shape[0], rows):
             b1 = min(b0 + rows, q.shape[0])
             k0 = max(0, lw + b0 - (width - 1))
             kw = keys[k0 : lw + b1]
-            delta = positions[b0:b1, None] - (pos0 - lw + torch.arange(k0, lw + b1))[None, :]
+            delta = positions[b0:b1, None] - (pos0 - lw + torch.arange(k0, lw + b1, device=q.device))[None, :]
             mask = (delta >= 0) & (delta < width)
             if dense is not None:  # HCA: dense over the (few) 128x entries
                 kw, mask = torch.cat((kw, dense[0])), torch.cat((mask, dense[1][b0:b1]), dim=1)
@@ -352,30 +357,69 @@ class Attention(nn.Module):
         top-k on CSA layers. Every existing entry is visible to a decode query (an entry
         exists once its block is complete); padding is masked.
         """
-        ring = pool.window.shape[1]
+        ring, dev = pool.ring, q.device
         pool.window[view.slots, positions % ring] = kv
-        keys = [pool.window[view.slots]]  # [B, ring, D]; row j holds the latest position = j mod ring
-        age = (positions[:, None] - torch.arange(ring)[None, :]) % ring
+        age = (positions[:, None] - torch.arange(ring, device=dev)[None, :]) % ring
+        rows = [pool.window_rows(view.slots)]  # [B, ring] rows of kv_rows; j holds the latest position = j mod ring
         masks = [(age < self.window) & (age <= positions[:, None])]
         if comp is not None:
             self.compressor.update_rows(pool.compressor, view, *comp, positions, inv_freq, simulate_quant)
             counts = (positions + 1) // self.ratio
-            ids = torch.arange(int(counts.max())).expand(len(positions), -1)
             if self.indexer is None:
-                keys.append(pool.compressor.read(view.page_table, ids))
+                ids = torch.arange(int(counts.max()), device=dev).expand(len(positions), -1)
+                rows.append(pool.entry_rows(view.page_table, ids))
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
                 b = len(positions)
                 picked = self.indexer.select(*idx_q, counts, lambda t0, t1: pool.indexer.read(
-                    view.page_table, torch.arange(t0, t1).expand(b, -1)))  # fmt: skip
-                keys.append(pool.compressor.read(view.page_table, picked.clamp(min=0)))
+                    view.page_table, torch.arange(t0, t1, device=dev).expand(b, -1)))  # fmt: skip
+                rows.append(pool.entry_rows(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
-        mask = torch.cat(masks, dim=1)
-        keys = torch.cat(keys, dim=1).float().masked_fill_(~mask[..., None], 0.0)  # padding may hold stale rows
+        rows, mask = torch.cat(rows, dim=1), torch.cat(masks, dim=1)
+        if self._fused(q):  # the kernel gathers the rows itself
+            idx = torch.where(mask, rows, -1)
+            return kernels.sparse_attention(q, pool.kv_rows, idx, self.attn_sink, self.head_dim**-0.5)
+        keys = pool.kv_rows[rows].float().masked_fill_(~mask[..., None], 0.0)  # padding may hold stale rows
         logits = torch.einsum("bhd,bld->bhl", q.float(), keys) * self.head_dim**-0.5
         out = torch.einsum("bhl,bld->bhd", self._softmax_with_sink(logits, mask), keys)
         return out.to(q.dtype)
+
+    def _attend_fused(
+        self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
+        entries: tuple[torch.Tensor, object] | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """`_attend` through `kernels.sparse_attention`: the window rows [before | kv] and the
+        chunk's compressed entries become rows of one tensor, and each query lists the rows
+        it sees (query t: rows lw+t-window+1 .. lw+t of the window part; then its visible
+        HCA entries or its indexer picks). Query blocks bound the gathered CSA entries."""
+        lw, s, dev = before.shape[0], q.shape[0], q.device
+        win = (lw + torch.arange(s, device=dev))[:, None] - torch.arange(self.window, device=dev)[None, :]
+        win = win.masked_fill(win < 0, -1)
+        base, hca = lw + s, entries is not None and self.indexer is None
+        extra = 0 if entries is None else entries[0].shape[0] if hca else entries[0].shape[1]
+        rows = _block_rows((self.window + extra) * (1 if hca else self.head_dim))
+        out = torch.empty_like(q)
+        for b0 in range(0, s, rows):
+            b = slice(b0, b0 + rows)
+            srcs, idx = [before, kv], [win[b]]
+            if hca:  # every visible 128x entry
+                srcs.append(entries[0])
+                ids = base + torch.arange(entries[0].shape[0], device=dev)
+                idx.append(torch.where(entries[1][b], ids, -1))
+            elif entries is not None:  # this block's indexer picks, gathered from the pages
+                picked = entries[0][b]
+                srcs.append(entries[1](picked.clamp(min=0)).flatten(0, 1))
+                ids = base + torch.arange(picked.numel(), device=dev).view(picked.shape)
+                idx.append(torch.where(picked >= 0, ids, -1))
+            kernels.sparse_attention(q[b], torch.cat(srcs).to(q.dtype), torch.cat(idx, dim=1), self.attn_sink,
+                                     self.head_dim**-0.5, out=out[b])  # fmt: skip
+        return out
+
+    def _fused(self, q: torch.Tensor) -> bool:
+        """Attend through kernels/ (sparse attention over gathered row ids, fused indexer
+        top-k): on GPU, or when forced. Else the pure-torch path, which gathers keys itself."""
+        return kernels.use_triton(q) if self.kernel_path is None else self.kernel_path
 
     def _softmax_with_sink(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """logits [X, H, L], mask [X, L] -> probabilities [X, H, L]; the sink adds only to the denominator."""

@@ -82,21 +82,26 @@ class StepView:
 class CompressorPool:
     """One compressor's tensors for every sequence of a layer."""
 
-    def __init__(self, ratio: int, width: int, proj_width: int, dtype: torch.dtype, page_size: int) -> None:
+    def __init__(
+        self, ratio: int, width: int, proj_width: int, dtype: torch.dtype, page_size: int, device: torch.device,
+        owns_entries: bool = True,
+    ) -> None:  # fmt: skip
         if page_size % ratio:
             raise KVPoolError(f"page_size {page_size} is not a multiple of compress ratio {ratio}")
         self.ratio, self.width, self.dtype = ratio, width, dtype
         self.overlap = ratio == 4
         self.ring = (2 if self.overlap else 1) * ratio
         self.epp = page_size // ratio  # entries per page
-        self.ring_kv = torch.empty(0, self.ring, proj_width, dtype=torch.float32)
-        self.ring_score = torch.empty(0, self.ring, proj_width, dtype=torch.float32)
-        self.entries = torch.empty(0, width, dtype=dtype)
+        self.owns_entries = owns_entries  # else the layer's `kv_rows` holds them (see LayerPool)
+        self.ring_kv = torch.empty(0, self.ring, proj_width, dtype=torch.float32, device=device)
+        self.ring_score = torch.empty(0, self.ring, proj_width, dtype=torch.float32, device=device)
+        self.entries = torch.empty(0, width, dtype=dtype, device=device)
 
     def resize(self, slots: int, pages: int) -> None:
         self.ring_kv = _grown(self.ring_kv, slots)
         self.ring_score = _grown(self.ring_score, slots)
-        self.entries = _grown(self.entries, pages * self.epp)
+        if self.owns_entries:
+            self.entries = _grown(self.entries, pages * self.epp)
 
     def rows(self, page_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Flat rows of entries `ids` [..., n] given page tables [..., max pages] (same leading dims)."""
@@ -110,24 +115,52 @@ class CompressorPool:
 
 
 class LayerPool:
-    """One attention layer's tensors: the window ring and its compressors' pools."""
+    """One attention layer's tensors: the window ring and its compressors' pools.
 
-    def __init__(self, attn, dtype: torch.dtype, page_size: int) -> None:
+    The window rings of every slot and the attention compressor's entries share one
+    tensor `kv_rows` [slots * ring + entry rows, D] (`window` and `compressor.entries`
+    are views of it), so a decode query's keys -- its window rows and its compressed
+    entries -- are rows of one tensor that a sparse-attention kernel gathers by index
+    (`window_rows`, `entry_rows`)."""
+
+    def __init__(self, attn, dtype: torch.dtype, page_size: int, device: torch.device) -> None:
         self.window_size = attn.window
-        self.window = torch.empty(0, max(attn.window, 1), attn.head_dim, dtype=dtype)
+        self.ring = max(attn.window, 1)
+        self.kv_rows = torch.empty(0, attn.head_dim, dtype=dtype, device=device)
+        self.window = self.kv_rows.view(0, self.ring, attn.head_dim)
         self.compressor = self.indexer = None
         if attn.compressor is not None:
             c = attn.compressor
-            self.compressor = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size)
+            self.compressor = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size, device,
+                                             owns_entries=False)  # fmt: skip
         if attn.indexer is not None:
             c = attn.indexer.compressor
-            self.indexer = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size)
+            self.indexer = CompressorPool(c.ratio, c.width, c.wkv.weight.shape[0], dtype, page_size, device)
 
     def resize(self, slots: int, pages: int) -> None:
-        self.window = _grown(self.window, slots)
+        old_slots = self.window.shape[0]
+        entries = self.compressor.entries if self.compressor is not None else self.kv_rows[:0]
+        num_entries = pages * self.compressor.epp if self.compressor is not None else 0
+        if slots > old_slots or num_entries > entries.shape[0]:  # zeros: see _grown
+            rows = torch.zeros(slots * self.ring + num_entries, self.kv_rows.shape[1], dtype=self.kv_rows.dtype,
+                               device=self.kv_rows.device)  # fmt: skip
+            rows[: old_slots * self.ring] = self.window.flatten(0, 1)
+            rows[slots * self.ring : slots * self.ring + entries.shape[0]] = entries
+            self.kv_rows = rows
+            self.window = rows[: slots * self.ring].view(slots, self.ring, -1)
+            if self.compressor is not None:
+                self.compressor.entries = rows[slots * self.ring :]
         for comp in (self.compressor, self.indexer):
             if comp is not None:
                 comp.resize(slots, pages)
+
+    def window_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of `kv_rows` holding each slot's window ring: [B] -> [B, ring]."""
+        return slots[:, None] * self.ring + torch.arange(self.ring, device=slots.device)
+
+    def entry_rows(self, page_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of `kv_rows` holding compressed entries `ids` [B, n] of page tables [B, P]."""
+        return self.window.shape[0] * self.ring + self.compressor.rows(page_table, ids)
 
     def slot_tensors(self) -> list[torch.Tensor]:
         """The per-slot tensors (window ring, compressor rings), in a fixed order."""
@@ -141,9 +174,11 @@ class LayerPool:
 class KVPool:
     """Slots and pages for a list of attention layers (the main model, or one MTP block)."""
 
-    def __init__(self, attns: list, dtype: torch.dtype, page_size: int = 128) -> None:
-        self.page_size = page_size
-        self.layers = [LayerPool(a, dtype, page_size) for a in attns]
+    def __init__(
+        self, attns: list, dtype: torch.dtype, page_size: int = 128, device: torch.device | str = "cpu"
+    ) -> None:
+        self.page_size, self.device = page_size, torch.device(device)
+        self.layers = [LayerPool(a, dtype, page_size, self.device) for a in attns]
         self._slot_cap = self._page_cap = 0
         self._free_slots: list[int] = []
         self._free_pages: list[int] = []
@@ -233,9 +268,10 @@ class KVPool:
     @torch.inference_mode()
     def export(self, st: SeqState) -> SeqExport:
         """Copy `st`'s state out (the sequence stays; release it separately)."""
-        table = torch.tensor(st.pages or [0], dtype=torch.int64)
+        table = torch.tensor(st.pages or [0], dtype=torch.int64, device=self.device)
         slot_state = [[t[st.slot].clone() for t in layer.slot_tensors()] for layer in self.layers]
-        entries = [[comp.read(table, torch.arange(st.num_tokens // comp.ratio)) for comp in _comps(layer)]
+        entries = [[comp.read(table, torch.arange(st.num_tokens // comp.ratio, device=self.device))
+                    for comp in _comps(layer)]
                    for layer in self.layers]  # fmt: skip
         return SeqExport(st.num_tokens, slot_state, entries)
 
@@ -244,12 +280,12 @@ class KVPool:
         """A new sequence holding an exported state."""
         st = self.new_seq()
         self.grow(st, exp.num_tokens)
-        table = torch.tensor(st.pages or [0], dtype=torch.int64)
+        table = torch.tensor(st.pages or [0], dtype=torch.int64, device=self.device)
         for layer, saved, rows in zip(self.layers, exp.slot_state, exp.entries, strict=True):
             for t, value in zip(layer.slot_tensors(), saved, strict=True):
-                t[st.slot] = value
+                t[st.slot] = value.to(t.device)
             for comp, value in zip(_comps(layer), rows, strict=True):
-                comp.write(table, torch.arange(value.shape[0]), value)
+                comp.write(table, torch.arange(value.shape[0], device=self.device), value.to(self.device))
         st.num_tokens = exp.num_tokens
         return st
 
@@ -266,8 +302,10 @@ class KVPool:
             self.grow(st, st.num_tokens + n)
         width = max((len(st.pages) for st in states), default=0)
         table = [st.pages + [0] * (width - len(st.pages)) for st in states]
-        table = torch.tensor(table, dtype=torch.int64) if width else torch.zeros(len(states), 1, dtype=torch.int64)
-        return StepView(torch.tensor([st.slot for st in states], dtype=torch.int64), table)
+        dev = self.device
+        table = torch.tensor(table, dtype=torch.int64, device=dev) if width else torch.zeros(
+            len(states), 1, dtype=torch.int64, device=dev)  # fmt: skip
+        return StepView(torch.tensor([st.slot for st in states], dtype=torch.int64, device=dev), table)
 
 
 def _comps(layer: LayerPool) -> list[CompressorPool]:
@@ -279,6 +317,6 @@ def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
     read gathers padding rows and masks them, and a masked 0 * NaN would still be NaN)."""
     if t.shape[0] >= rows:
         return t
-    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out

@@ -136,7 +136,9 @@ def hc_pre(
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb_logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
-    comb = sinkhorn(comb_logits, iters, hc_eps)
+    from kernels import sinkhorn as sinkhorn_kernel  # here: kernels/ imports this module for its references
+
+    comb = sinkhorn_kernel(comb_logits, iters, hc_eps)
     u = (pre.unsqueeze(-1) * x.float()).sum(dim=-2)
     return u.to(x.dtype), post, comb
 

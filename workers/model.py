@@ -138,15 +138,21 @@ class Transformer(nn.Module):
     def configure_kv(self, page_size: int = 128, slots: int = 1, pages: int = 1) -> None:
         """(Re)create the KV pools: pages of `page_size` raw tokens, allocated up front for
         `slots` sequences and `pages` pages (both grow on demand). Drops every sequence."""
-        self.kv = KVPool([blk.attn for blk in self.layers], self.dtype, page_size)
+        dev = self.embed.weight.device
+        self.kv = KVPool([blk.attn for blk in self.layers], self.dtype, page_size, dev)
         self.kv.reserve(slots, pages)
-        self.mtp_kv = [KVPool([blk.attn], self.dtype, page_size) for blk in self.mtp]
+        self.mtp_kv = [KVPool([blk.attn], self.dtype, page_size, dev) for blk in self.mtp]
 
     def new_state(self) -> SeqState:
         return self.kv.new_seq()
 
     def new_mtp_state(self, k: int = 0) -> SeqState:
         return self.mtp_kv[k].new_seq()
+
+    def set_kernel_path(self, on: bool | None) -> None:
+        """Attention through kernels/ (True), pure torch (False), or per device (None: GPU -> kernels)."""
+        for blk in (*self.layers, *self.mtp):
+            blk.attn.kernel_path = on
 
     # -- forward ----------------------------------------------------------------------
     @torch.inference_mode()

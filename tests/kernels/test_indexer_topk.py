@@ -36,12 +36,14 @@ def _visible(n: int, k: int, kp: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_reference_matches_model_select(exact: bool) -> None:
-    """`Indexer.select` with positions p sees entries j < (p + 1) // 4; same picks as the reference."""
+    """`Indexer.select` (tiled running top-k) with positions p sees entries j < (p + 1) // 4;
+    same picks as the reference for any tile."""
     q, w, keys = _inputs(12, 4, 16, 30, exact)
-    positions = torch.arange(12) * 9 + 3
-    model = Indexer.select(SimpleNamespace(topk=8, n_heads=4), q, w, keys, positions)
-    ref = indexer_topk_ref(q, w, keys, ((positions + 1) // 4).to(torch.int32), 8)
-    assert torch.equal(ref.long(), model)
+    counts = (torch.arange(12) * 9 + 3 + 1) // 4
+    ref = indexer_topk_ref(q, w, keys, counts.to(torch.int32), 8)
+    for tile in (3, 7, 30):
+        model = Indexer.select(SimpleNamespace(topk=8, n_heads=4), q, w, counts, lambda a, b: keys[a:b], tile=tile)
+        assert torch.equal(ref.long(), model), tile
 
 
 @requires_triton
