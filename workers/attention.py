@@ -28,6 +28,27 @@ class SeqSlice:
     start: int  # first row in the flat batch
     end: int  # one past the last row
     pos0: int  # absolute position of the first token
+    chunk: tuple[int, int] | None = None  # context parallel: the whole chunk's positions [a, b) over the ranks
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """One sequence's rows of a layer's projections: q [S, H, D], kv [S, D], positions [S];
+    the compressor's (kv, score) [S, coff*c] and the indexer's (q, w) and compressor rows
+    where the layer has them."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    positions: torch.Tensor
+    comp: tuple[torch.Tensor, torch.Tensor] | None
+    idx_q: tuple[torch.Tensor, torch.Tensor] | None
+    idx_comp: tuple[torch.Tensor, torch.Tensor] | None
+
+    @classmethod
+    def of(cls, sq: SeqSlice, q, kv, positions, comp, idx_q, idx_comp) -> ChunkRows:
+        r = slice(sq.start, sq.end)
+        pick = lambda pair: None if pair is None else (pair[0][r], pair[1][r])  # noqa: E731
+        return cls(q[r], kv[r], positions[r], pick(comp), pick(idx_q), pick(idx_comp))
 
 
 def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -240,6 +261,7 @@ class Attention(nn.Module):
         self.compressor = Compressor(cfg, self.ratio, hd, rotate=False) if self.ratio else None
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
         self.kernel_path: bool | None = None  # attend through kernels/ (None: where kernels.use_triton says)
+        self.cp = None  # a workers.cp.ContextParallel, set from outside (apply_context_parallel)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -259,50 +281,77 @@ class Attention(nn.Module):
         if self.indexer is not None:
             idx_q = self.indexer.queries(x, qr, cos, sin, simulate_quant)
             idx_comp = self.indexer.compressor.project(x)
-        if seqs and all(sq.end - sq.start == 1 for sq in seqs):
+        if seqs and all(sq.end - sq.start == 1 and sq.chunk is None for sq in seqs):
             out = self._decode(q, kv, positions, comp, idx_q, idx_comp, pool, view, inv_freq, simulate_quant)
             return self._project_out(apply_rope(out, cos, sin, inverse=True))
-        out, ring, dev = torch.empty_like(q), pool.window.shape[1], q.device
-        fused = self._fused(q)
-        attend = self._attend_fused if fused else self._attend
+        out, fused = torch.empty_like(q), self._fused(q)
         for i, sq in enumerate(seqs):
-            rows, slot, table = slice(sq.start, sq.end), int(view.slots[i]), view.page_table[i]
-            before = pool.window[slot, torch.arange(max(0, sq.pos0 - self.window + 1), sq.pos0, device=dev) % ring]
-            entries = None
-            if comp is not None:
-                c0, c1 = comp[0][rows], comp[1][rows]
-                n = self.compressor.update(pool.compressor, slot, table, c0, c1, sq.pos0, inv_freq, simulate_quant)
-                entries = self._chunk_entries(sq, slot, table, pool, positions[rows], n, idx_q, idx_comp, inv_freq,
-                                              simulate_quant, fused)  # fmt: skip
-            out[rows] = attend(q[rows], kv[rows], positions[rows], before, entries)
-            keep = torch.arange(max(sq.pos0, sq.end - sq.start + sq.pos0 - ring), sq.pos0 + sq.end - sq.start,
-                                device=dev)  # fmt: skip
-            pool.window[slot, keep % ring] = kv[sq.start + keep - sq.pos0]
+            part = ChunkRows.of(sq, q, kv, positions, comp, idx_q, idx_comp)
+            at = (int(view.slots[i]), view.page_table[i], pool)
+            if sq.chunk is None:
+                out[sq.start : sq.end] = self._prefill(part, sq.pos0, at, inv_freq, simulate_quant, fused)
+            else:  # one rank's part of a context-parallel chunk (workers/cp.py)
+                out[sq.start : sq.end] = self.cp.prefill(self, part, sq, at, inv_freq, simulate_quant, fused)
         out = apply_rope(out, cos, sin, inverse=True)
         return self._project_out(out)
 
-    def _chunk_entries(
-        self, sq: SeqSlice, slot: int, table: torch.Tensor, pool: LayerPool, positions: torch.Tensor, n: int,
-        idx_q, idx_comp, inv_freq, simulate_quant, fused: bool,
-    ) -> tuple[torch.Tensor, object]:  # fmt: skip
-        """The compressed entries one prefill chunk attends to, with which query sees which.
+    def _prefill(
+        self, c: ChunkRows, pos0: int, at: tuple[int, torch.Tensor, LayerPool], inv_freq: torch.Tensor,
+        simulate_quant: bool, fused: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """One sequence's chunk at positions pos0...: update its state, attend -> [S, H, D]."""
+        before = self.window_before(at, pos0)
+        entries = None
+        if c.comp is not None:
+            n, n_keys = self.compress(c, pos0, at, inv_freq, simulate_quant)
+            entries = self.chunk_entries(c, at, n, n_keys, fused)
+        out = (self._attend_fused if fused else self._attend)(c.q, c.kv, c.positions, before, entries)
+        self.keep_window(at, pos0, c.kv)
+        return out
+
+    def window_before(self, at: tuple[int, torch.Tensor, LayerPool], pos0: int) -> torch.Tensor:
+        """The window rows a chunk starting at pos0 sees before itself [lw, D] (lw <= window - 1)."""
+        slot, _, pool = at
+        ids = torch.arange(max(0, pos0 - self.window + 1), pos0, device=pool.kv_rows.device)
+        return pool.window[slot, ids % pool.ring]
+
+    def keep_window(self, at: tuple[int, torch.Tensor, LayerPool], pos0: int, kv: torch.Tensor) -> None:
+        """Write rows kv [S, D] at positions pos0... into the slot's window ring (the last `ring` of them)."""
+        slot, _, pool = at
+        keep = torch.arange(max(pos0, pos0 + kv.shape[0] - pool.ring), pos0 + kv.shape[0], device=kv.device)
+        pool.window[slot, keep % pool.ring] = kv[keep - pos0]
+
+    def compress(
+        self, c: ChunkRows, pos0: int, at: tuple[int, torch.Tensor, LayerPool], inv_freq: torch.Tensor,
+        simulate_quant: bool,
+    ) -> tuple[int, int]:  # fmt: skip
+        """Feed the chunk to the compressors -> (entries, indexer keys) the sequence has after it."""
+        slot, table, pool = at
+        n = self.compressor.update(pool.compressor, slot, table, *c.comp, pos0, inv_freq, simulate_quant)
+        if self.indexer is None:
+            return n, 0
+        return n, self.indexer.compressor.update(pool.indexer, slot, table, *c.idx_comp, pos0, inv_freq,
+                                                 simulate_quant)  # fmt: skip
+
+    def chunk_entries(
+        self, c: ChunkRows, at: tuple[int, torch.Tensor, LayerPool], n: int, n_keys: int, fused: bool
+    ) -> tuple[torch.Tensor, object]:
+        """The compressed entries a prefill chunk attends to, with which query sees which.
 
         HCA: (all n entries [n, D], visibility mask [S, n]). CSA: (the indexer's picks
         [S, k] (-1 = none), a reader of entries by id) -- entries are gathered through the
         page table per query block, never all N/4 of them at once."""
+        _, table, pool = at
+        positions = c.positions
         if self.indexer is None:  # HCA: every complete block so far (N/128 entries: few)
             ids = torch.arange(n, device=positions.device)
             return pool.compressor.read(table, ids), ids[None, :] < ((positions + 1) // self.ratio)[:, None]
-        rows = slice(sq.start, sq.end)
-        n_keys = self.indexer.compressor.update(
-            pool.indexer, slot, table, idx_comp[0][rows], idx_comp[1][rows], sq.pos0, inv_freq, simulate_quant
-        )
         counts, k = torch.clamp((positions + 1) // 4, max=n_keys), min(self.indexer.topk, n_keys)
         read_keys = lambda a, b: pool.indexer.read(table, torch.arange(a, b, device=table.device))  # noqa: E731
         if fused and k:  # one sequence's keys, scored and selected by the fused kernel
-            picked = kernels.indexer_topk(idx_q[0][rows], idx_q[1][rows], read_keys(0, n_keys), counts, k).long()
+            picked = kernels.indexer_topk(*c.idx_q, read_keys(0, n_keys), counts, k).long()
         else:
-            picked = self.indexer.select(idx_q[0][rows], idx_q[1][rows], counts, read_keys)
+            picked = self.indexer.select(*c.idx_q, counts, read_keys)
         return picked, lambda ids: pool.compressor.read(table.expand(ids.shape[0], -1), ids)
 
     def _attend(

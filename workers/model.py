@@ -46,6 +46,12 @@ class Batch:
         return cls(torch.cat(chunks).long(), torch.cat(positions), seqs)
 
 
+    def to(self, device: torch.device) -> Batch:
+        if self.input_ids.device == device and self.positions.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.positions.to(device), self.seqs)
+
+
 class Block(nn.Module):
     """One layer: mHC(attention) then mHC(MoE); parameter names follow the checkpoint."""
 
@@ -158,13 +164,14 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
         """Run the chunks; returns the final residual streams [T, n, d] and advances states."""
+        batch = batch.to(self.embed.weight.device)
         x = self.embed(batch.input_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
-        view = self.kv.view(states, [sq.end - sq.start for sq in batch.seqs])
+        view = self.kv.view(states, [_grows_by(sq, st) for sq, st in zip(batch.seqs, states, strict=True)])
         rope: dict = {}
         for blk, pool in zip(self.layers, self.kv.layers, strict=True):
             x = blk(x, batch, pool, view, rope, self.simulate_quant)
         for sq, st in zip(batch.seqs, states, strict=True):
-            st.num_tokens += sq.end - sq.start
+            st.num_tokens += _grows_by(sq, st)
         return x
 
     @torch.inference_mode()
@@ -179,15 +186,22 @@ class Transformer(nn.Module):
                    states: list[SeqState], k: int = 0) -> torch.Tensor:  # fmt: skip
         """Score token t+2 from the main streams at t [T, n, d] and token t+1 `next_ids` [T]."""
         blk, c = self.mtp[k], self.cfg
+        next_ids = next_ids.to(self.embed.weight.device)
         e = blk.enorm(self.embed(next_ids))
         x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(streams))
-        mtp_batch = Batch(next_ids.long(), batch.positions, batch.seqs)
+        mtp_batch = Batch(next_ids.long(), batch.positions, batch.seqs).to(self.embed.weight.device)
         view = self.mtp_kv[k].view(states, [sq.end - sq.start for sq in batch.seqs])
         x = blk(x.to(self.dtype), mtp_batch, self.mtp_kv[k].layers[0], view, {}, self.simulate_quant)
         for sq, st in zip(batch.seqs, states, strict=True):
             st.num_tokens += sq.end - sq.start
         u = hc_head(x, blk.hc_head_fn, blk.hc_head_scale, blk.hc_head_base, c.hc_eps, c.rms_norm_eps)
         return F.linear(blk.norm(u).float(), self.head.weight)
+
+
+def _grows_by(sq: SeqSlice, st: SeqState) -> int:
+    """Tokens a step adds to a state: its rows, or a whole context-parallel chunk (every
+    rank's replica takes the state of the chunk; see workers/cp.py)."""
+    return sq.end - sq.start if sq.chunk is None else sq.chunk[1] - st.num_tokens
 
 
 def _param(*shape: int) -> nn.Parameter:

@@ -145,11 +145,11 @@ class MoE(nn.Module):
         """x [T, d] (ffn_norm output) -> [T, d] in x's dtype."""
         weights, ids = self.gate(x, input_ids)
         k = ids.shape[1]
-        rows = torch.arange(x.shape[0]).repeat_interleave(k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
         local = self.to_local[ids.flatten()]
         keep = local >= 0
         rows, local, weights = rows[keep], local[keep], weights.flatten()[keep]
         routed = self.experts(x[rows], local, weights)
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32).index_add_(0, rows, routed)
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, routed)
         y += self.shared_experts(x).float()
         return y.to(x.dtype)
