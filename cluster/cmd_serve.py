@@ -146,7 +146,8 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
         by_role[pool.role] = [build_engine(
             checkpoint,
             engine_config=EngineConfig(sched.max_batch_tokens, sched.max_running, sched.max_waiting,
-                                       sched.max_model_len, sched.prefix_cache and pool.role != "decode"),  # fmt: skip
+                                       sched.max_model_len, sched.prefix_cache and pool.role != "decode",
+                                       handoff_timeout_s=sched.handoff_timeout_s),  # fmt: skip
             dtype=torch_dtype(spec.dtype),  # None (auto): build_engine picks
             kv_cache_bytes=sched.kv_bytes,
             page_size=sched.page_size,

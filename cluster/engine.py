@@ -44,6 +44,7 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     max_model_len: int = 1048576  # prompt + completion tokens per request
     prefix_cache: bool = False  # keep states at page boundaries and reuse them for prompts that share them
+    handoff_timeout_s: float = 30.0  # a KV handoff's export from a remote (Ray) worker; past it the state is lost
 
 
 @dataclass
@@ -127,8 +128,13 @@ class Engine:
     def submit_imported(self, prefilled: _Live, sink: Sink, state: Any) -> None:
         """Continue a request another instance prefilled (KV handoff in): `prefilled` is its
         live state there (prompt, sampled first token, seeded params, times), `state` its
-        exported KV state. Decoding resumes at the first token, with the same RNG stream."""
+        exported KV state. Decoding resumes at the first token, with the same RNG stream.
+        Raises ValueError, before anything is reserved, for a state this instance's KV pool
+        cannot import (another model or dtype, a malformed or missing object)."""
         old = prefilled.req
+        problem = self.worker.check_import(state)
+        if problem is not None:
+            raise ValueError(f"{old.uid}: the handed-off state cannot be imported: {problem}")
         req = SchedRequest(old.uid, list(old.prompt), old.sampling, output=list(old.output), imported=state,
                            cached=old.cached)  # fmt: skip
         text = TextStream(self.tokenizer, old.sampling.stop)
@@ -273,8 +279,9 @@ class Engine:
             return
         except Exception as e:  # a bad step fails its requests, never the engine
             log.exception("step failed")
-            for w in plan.work:
-                self._finish(w.uid, "error", error=f"engine step failed: {type(e).__name__}: {e}")
+            for w in plan.work:  # a state handed over in this step is lost: the handoff failure policy applies
+                self._finish(w.uid, "error", error=f"engine step failed: {type(e).__name__}: {e}",
+                             unavailable=w.uid in plan.imports)  # fmt: skip
             return
         self.stats.steps += 1
         n_tokens = sum(len(w.token_ids) for w in plan.work)
@@ -307,12 +314,14 @@ class Engine:
                 self._hand_off(live)
 
     def _hand_off(self, live: _Live) -> None:
-        """Prefill done: export the state, let go of the request here, pass it on."""
+        """Prefill done: export the state, let go of the request here, pass it on. A failed
+        or timed-out export ends the request here UNAVAILABLE (the handoff failure policy
+        applies); its pages are freed and the worker's copy is released by the next plan."""
         uid = live.req.uid
         try:
-            state = self.worker.export(uid)
-        except Exception as e:  # the state is gone with its worker: the request fails here
-            log.exception("%s: exporting its state failed", uid)
+            state = self.worker.export(uid, timeout=self.config.handoff_timeout_s)
+        except Exception as e:  # the state is gone with its worker (or too slow to come): the request fails here
+            log.error("%s: exporting its state failed: %s", uid, e, exc_info=not isinstance(e, EngineUnavailableError))
             self._finish(uid, "error", error=f"KV handoff failed: {type(e).__name__}: {e}", unavailable=True)
             return
         self._live.pop(uid, None)

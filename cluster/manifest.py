@@ -10,7 +10,8 @@
                prefill | decode; a pool named after a role takes that role)
     ray:       address
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
-               kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure
+               kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure,
+               handoff_timeout_s
     gateway:   host, port, metrics_port
 
 Every key is optional (see the defaults below). Unknown keys and bad values are
@@ -203,6 +204,7 @@ class SchedulerSpec:
     page_size: int = field(default=128, metadata=_int(1))  # raw tokens per KV page (a multiple of 128)
     prefix_cache: bool = field(default=True, metadata=_bool())  # reuse states of shared prompt prefixes
     handoff_failure: str = field(default="recompute", metadata=_choice(("recompute", "fail")))  # state lost
+    handoff_timeout_s: float = field(default=30.0, metadata=_positive_float())  # KV export from a Ray worker, at most
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes is not None and self.kv_cache_gib is not None:

@@ -5,7 +5,10 @@ layer over torch.distributed (gloo on CPU, nccl on GPU) inside the actors.
 `ray.remote` is applied here and only here (STYLE 8). The driver talks to each actor once
 per step (`execute`), never per layer. The process group meets through a TCPStore that
 the driver hosts. A dead actor fails the step with `WorkerLostError`; the group then
-rebuilds itself (new actors, weights reloaded) before the next step.
+rebuilds itself (new actors, weights reloaded) before the next step. A KV handoff's
+export is bounded by the engine's `handoff_timeout_s`: a dead or slow exporting actor
+fails that handoff alone (the engine's failure policy applies; the rank keeps the state
+until the engine's release reaches it), and a dead actor is rebuilt at the next step.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ log = logging.getLogger("dsv4.ray")
 
 class WorkerLostError(EngineUnavailableError):
     """A worker actor died or stopped answering; its instance is being rebuilt."""
+
+
+class HandoffLostError(EngineUnavailableError):
+    """A KV handoff's export failed: its actor died (the instance is rebuilt at its next
+    step) or did not answer within the handoff timeout."""
 
 
 class RankWorker:
@@ -55,6 +63,7 @@ class RankWorker:
         apply_expert_parallel(model, placement, DistCommunicator(backend))
         self.worker = ModelWorker(model, lockstep=True, page_size=page_size)
         self.rank = rank
+        self.export_delay = 0.0  # fault injection (tests): seconds each export waits first
 
     def ready(self) -> int:
         return self.rank
@@ -69,7 +78,17 @@ class RankWorker:
         return self.worker.routing_window()
 
     def export(self, uid: str):
+        if self.export_delay:  # the state is still held here while it waits
+            time.sleep(self.export_delay)
         return self.worker.export(uid)
+
+    def set_export_delay(self, seconds: float) -> None:
+        """Test hook: make every later export wait `seconds` before it copies the state, so a
+        test can kill this actor, or let the handoff time out, while the driver waits on it."""
+        self.export_delay = seconds
+
+    def state_spec(self):
+        return self.worker.state_spec()
 
     def node(self) -> str:
         import ray
@@ -103,6 +122,7 @@ class RayWorkerGroup:
         self.stopped = False
         self.held: dict[str, int] = {}  # uid -> tokens in its state
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
+        self.exporting: dict[str, int] = {}  # uid -> rank, while the driver waits for its export
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -132,6 +152,7 @@ class RayWorkerGroup:
             for r in range(self.world_size)
         ]  # fmt: skip
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)
+        self.state_spec = ray.get(self.actors[0].state_spec.remote(), timeout=self.start_timeout)
         self.owner.clear()
         self.held.clear()
         self.prefix_rank.clear()
@@ -165,13 +186,34 @@ class RayWorkerGroup:
 
         return sum(ray.get([a.num_states.remote() for a in self.actors], timeout=self.step_timeout))
 
-    def export(self, uid: str):
-        """Hand a request's state over from the actor that holds it (through the object store)."""
+    def export(self, uid: str, timeout: float | None = None):
+        """Hand a request's state over from the actor that holds it (through the object
+        store), waiting at most `timeout` seconds (default: the step timeout). On failure
+        (`HandoffLostError`) the rank keeps owning the request, so the engine's release of
+        it (`StepPlan.finished`) reaches that rank: a slow export that finishes late has
+        dropped the state itself, one that never ran has it dropped by the release."""
         import ray
 
-        rank = self.owner.pop(uid)
+        rank = self.owner[uid]
+        ref = self.actors[rank].export.remote(uid)
+        self.exporting[uid] = rank
+        wait = self.step_timeout if timeout is None else timeout
+        try:
+            state = ray.get(ref, timeout=wait)
+        except ray.exceptions.GetTimeoutError as e:
+            raise HandoffLostError(f"exporting {uid} from rank {rank} took more than {wait:g}s") from e
+        except ray.exceptions.RayError as e:
+            raise HandoffLostError(f"exporting {uid} from rank {rank} failed ({type(e).__name__})") from e
+        finally:
+            self.exporting.pop(uid, None)
+        self.owner.pop(uid)
         self.held.pop(uid, None)
-        return ray.get(self.actors[rank].export.remote(uid), timeout=self.step_timeout)
+        return state
+
+    def check_import(self, state) -> str | None:
+        """Why a handed-off state cannot be imported here (checked in the driver, against
+        the layout rank 0 reported at start)."""
+        return self.state_spec.problem(state)
 
     def routing_window(self):
         import ray

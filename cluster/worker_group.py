@@ -54,11 +54,18 @@ class LocalWorkerGroup:
     def routing_window(self) -> dict[int, LayerStats]:
         return merge(w.routing_window() for w in self.workers)
 
-    def export(self, uid: str):
-        """Hand a request's state over (from the rank that holds it)."""
-        rank = self.owner.pop(uid)
+    def export(self, uid: str, timeout: float | None = None):
+        """Hand a request's state over (from the rank that holds it; a copy in this process,
+        so no `timeout`). Until it succeeds the rank keeps owning it, so the engine's release
+        of a failed handoff (`StepPlan.finished`) still reaches that rank."""
+        state = self.workers[self.owner[uid]].export(uid)
+        self.owner.pop(uid)
         self.held.pop(uid, None)
-        return self.workers[rank].export(uid)
+        return state
+
+    def check_import(self, state) -> str | None:
+        """Why a handed-off state cannot be imported here (every rank has the same pool layout)."""
+        return self.workers[0].check_import(state)
 
     def execute(self, plan: StepPlan) -> StepResult:
         assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size, self.prefix_rank)

@@ -6,12 +6,15 @@ Plain class; the in-process backend calls it directly and the Ray backend wraps 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
-from workers.kv_pool import SeqExport, SeqState, Snapshot
+from workers.kv_pool import KVPool, SeqExport, SeqState, Snapshot
 from workers.model import Batch, Transformer
 from workers.sampler import SamplingBatch, sample
 
@@ -51,6 +54,9 @@ class ModelWorker:
         for w in plan.work:
             st = self.states.get(w.uid)
             if st is None and w.uid in plan.imports:
+                problem = self.check_import(plan.imports[w.uid])
+                if problem is not None:  # before the pool allocates anything for it
+                    raise ValueError(f"{w.uid}: the handed-off state cannot be imported: {problem}")
                 st = self.states[w.uid] = self.model.kv.import_(plan.imports[w.uid])
             elif st is None and w.prefix is not None:
                 if w.prefix not in self.prefixes:
@@ -91,11 +97,20 @@ class ModelWorker:
                     logprobs[uid] = TokenLogprob(out_tokens[uid], float(chosen[i]), alts)
         return StepResult(tokens=out_tokens, logprobs=logprobs)
 
-    def export(self, uid: str) -> SeqExport:
-        """Hand a request's state over (KV handoff out): copy it out and drop it here."""
+    def export(self, uid: str, timeout: float | None = None) -> SeqExport:
+        """Hand a request's state over (KV handoff out): copy it out and drop it here.
+        `timeout` bounds remote exports (Ray); a copy in this process needs none."""
         exp = self.model.kv.export(self.states[uid])
         self.release(uid)
         return exp
+
+    def state_spec(self) -> StateSpec:
+        """What a handed-off state must look like to be imported here."""
+        return StateSpec.of(self.model.kv)
+
+    def check_import(self, state: Any) -> str | None:
+        """Why `state` cannot be imported here (None: it can)."""
+        return self.state_spec().problem(state)
 
     def release(self, uid: str) -> None:
         st = self.states.pop(uid, None)
@@ -110,6 +125,50 @@ class ModelWorker:
     def routing_window(self) -> dict[int, LayerStats]:
         """Per-layer routing and all-to-all stats since the previous call."""
         return self.model.dispatch_stats.snapshot()
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The shape of an exported state (`SeqExport`) that a KV pool can import: per layer,
+    each per-slot tensor's (shape without the slot dim, dtype) and each compressor's
+    (ratio, width, dtype); a state of n tokens carries [n // ratio, width] entries per
+    compressor. Checked before anything is allocated, so a malformed handoff (another
+    model or dtype on the other side, a truncated object) fails alone and leaks nothing."""
+
+    slots: tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], ...]
+    entries: tuple[tuple[tuple[int, int, torch.dtype], ...], ...]
+
+    @classmethod
+    def of(cls, pool: KVPool) -> StateSpec:
+        slots = tuple(tuple((tuple(t.shape[1:]), t.dtype) for t in layer.slot_tensors()) for layer in pool.layers)
+        entries = tuple(tuple((c.ratio, c.width, c.dtype) for c in (layer.compressor, layer.indexer) if c is not None)
+                        for layer in pool.layers)  # fmt: skip
+        return cls(slots, entries)
+
+    def problem(self, state: Any) -> str | None:
+        """Why `state` does not fit this spec (None: it fits)."""
+        if not isinstance(state, SeqExport):
+            return f"expected an exported state, got {type(state).__name__}"
+        n = state.num_tokens
+        if not isinstance(n, int) or n < 0:
+            return f"num_tokens must be an integer >= 0, got {n!r}"
+        layers = [len(x) if isinstance(x, list | tuple) else None for x in (state.slot_state, state.entries)]
+        if layers != [len(self.slots), len(self.entries)]:
+            return f"layers of slot state and of entries: {layers}, expected {len(self.slots)}"
+        for i, (saved, rows) in enumerate(zip(state.slot_state, state.entries, strict=True)):
+            want_slots = list(self.slots[i])
+            want_rows = [((n // ratio, width), dtype) for ratio, width, dtype in self.entries[i]]
+            got_slots, got_rows = _signature(saved), _signature(rows)
+            if got_slots != want_slots or got_rows != want_rows:
+                return f"layer {i}: tensors {got_slots} + {got_rows}, expected {want_slots} + {want_rows}"
+        return None
+
+
+def _signature(tensors: Any) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
+    """(shape, dtype) of each tensor of a list; None for what is not a tensor."""
+    if not isinstance(tensors, list | tuple):
+        return [None]
+    return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in tensors]
 
 
 def _fresh_seed() -> int:

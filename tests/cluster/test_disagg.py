@@ -7,6 +7,8 @@ state against the sequence itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,11 +158,11 @@ def _lose_once(worker, method: str, after: int = 0):
 
     real, calls = getattr(worker, method), {"n": 0}
 
-    def flaky(*args):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == after + 1:
             raise EngineUnavailableError(f"{method}: worker lost")
-        return real(*args)
+        return real(*args, **kwargs)
 
     setattr(worker, method, flaky)
 
@@ -193,6 +195,104 @@ def test_lost_state_fails_fast_with_the_fail_policy(tiny_checkpoint):
     assert len(col.tokens(requests()[2].uid)) == 1  # the first token, sampled before the loss
     assert router.wait_idle() and prefill.kv.used_pages == decode.kv.used_pages == 0 and pre.kv.used_pages == 0
     router.stop()
+
+
+def test_a_failed_export_is_released_on_the_rank_holding_it(tiny_checkpoint):
+    """An export that fails before the state left its rank: the engine's release still
+    reaches that rank (no state or page stays behind on the prefill side)."""
+    groups = [LocalWorkerGroup(tiny_checkpoint, 2, dtype=torch.float32, simulate_quant=False) for _ in range(2)]
+    for worker in groups[0].workers:
+        _lose_once(worker, "export")
+    router = DisaggRouter([engine(groups[0], groups[0].model.cfg)], [engine(groups[1], groups[1].model.cfg)],
+                          on_failure="fail")  # fmt: skip
+    col = run(router, [requests()[4]])
+    assert col.final(requests()[4].uid).unavailable
+    assert router.wait_idle(timeout=10) and groups[0].num_states() == 0 and not groups[0].owner
+    assert all(w.model.kv.used_pages == 0 for g in groups for w in g.workers)
+    router.stop()
+
+
+def _hand_over_once(worker, corrupt):
+    """Make the first state `worker` exports arrive as `corrupt(state)` (the real one is released)."""
+    real, calls = worker.export, {"n": 0}
+
+    def export(uid, timeout=None):
+        calls["n"] += 1
+        state = real(uid, timeout=timeout)
+        return corrupt(state) if calls["n"] == 1 else state
+
+    worker.export = export
+
+
+def _idle_and_empty(router, *models) -> None:
+    assert router.wait_idle()
+    for e in router.engines:
+        assert e.load()["kv_pages_used"] == 0 and e.kv.used_pages == 0 and e.worker.num_states() == 0
+    assert all(m.kv.used_pages == 0 for m in models)
+
+
+@pytest.mark.parametrize(("policy", "state"), [("recompute", "a layer short"), ("fail", "missing")])
+def test_a_state_the_decode_side_cannot_import_is_refused(tiny_checkpoint, colocated, policy, state):
+    """A handed-off state that does not fit the decode instance's KV pool (another model, a
+    truncated or lost object) is refused before anything is reserved; the policy applies."""
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine(ModelWorker(pre), pre.cfg), engine(ModelWorker(dec), dec.cfg)
+    if state == "missing":
+        _hand_over_once(prefill.worker, lambda s: None)
+    else:
+        _hand_over_once(prefill.worker, lambda s: replace(s, slot_state=s.slot_state[:-1], entries=s.entries[:-1]))
+    router = DisaggRouter([prefill], [decode], on_failure=policy)
+    uid = "s128" if policy == "recompute" else "g5"
+    col = run(router, [r for r in requests() if r.uid == uid])
+    if policy == "recompute":
+        assert col.tokens(uid) == colocated[uid] and col.final(uid).finish_reason == "length"
+        assert router.recomputed == 1 and router.handoffs == 1  # the recompute's handoff went through
+    else:
+        final = col.final(uid)
+        assert final.unavailable and final.finish_reason == "error" and "cannot be imported" in final.error
+        assert len(col.tokens(uid)) == 1 and router.handoffs == 0
+    prompt_len = len(next(r for r in requests() if r.uid == uid).prompt_ids)
+    assert decode.stats.tokens_in == (prompt_len if policy == "recompute" else 0)  # the refused one never got in
+    _idle_and_empty(router, pre, dec)
+    router.stop()
+
+
+def test_an_import_failing_in_the_decode_step_frees_what_it_reserved(tiny_checkpoint, colocated):
+    """The decode worker fails to import a state inside its step (after the engine reserved
+    pages for it): the engine frees them, the request counts as lost and is recomputed."""
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine(ModelWorker(pre), pre.cfg), engine(ModelWorker(dec), dec.cfg)
+    real, calls = dec.kv.import_, {"n": 0}
+
+    def import_once_broken(exp):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the state's tensors could not be read")
+        return real(exp)
+
+    dec.kv.import_ = import_once_broken
+    router = DisaggRouter([prefill], [decode], on_failure="recompute")
+    col = run(router, [r for r in requests() if r.uid == "g300"])
+    assert col.tokens("g300") == colocated["g300"] and col.final("g300").finish_reason == "length"
+    assert calls["n"] == 2 and router.recomputed == 1
+    _idle_and_empty(router, pre, dec)
+    router.stop()
+
+
+def test_state_spec_names_what_does_not_fit(tiny_checkpoint):
+    m = model_of(tiny_checkpoint)
+    worker = ModelWorker(m)
+    st = m.new_state()
+    m(Batch.build([torch.randint(3, 120000, (300,))], [st]), [st])
+    exp = m.kv.export(st)
+    st.free()
+    assert worker.check_import(exp) is None
+    assert "got NoneType" in worker.check_import(None)
+    assert "num_tokens" in worker.check_import(replace(exp, num_tokens=-1))
+    assert "layer 1: " in worker.check_import(replace(exp, num_tokens=exp.num_tokens + 128))  # entries short
+    as_bf16 = [[t.to(torch.bfloat16) for t in layer] for layer in exp.slot_state]
+    assert "bfloat16" in worker.check_import(replace(exp, slot_state=as_bf16))
+    assert "layers" in worker.check_import(replace(exp, entries=exp.entries[:-1]))
 
 
 def test_prefill_pool_prefix_cache_reaches_the_client(tiny_checkpoint):

@@ -22,6 +22,7 @@ def test_defaults():
     s = m.scheduler
     assert (s.max_batch_tokens, s.max_running, s.max_waiting, s.page_size) == (512, 64, 1024, 128)
     assert s.kv_bytes == 2 << 30
+    assert (s.handoff_failure, s.handoff_timeout_s) == ("recompute", 30.0)
     assert (m.gateway.host, m.gateway.port, m.gateway.metrics_port) == ("127.0.0.1", 50051, None)
 
 
@@ -74,6 +75,19 @@ gateway: {host: 0.0.0.0, port: 0, metrics_port: 9100}
         m.gateway.port = 1  # frozen
 
 
+def test_handoff_timeout_reaches_the_engines(tiny_checkpoint):
+    from cluster.cmd_serve import boot
+
+    raw = {"model": {"checkpoint": str(tiny_checkpoint), "dtype": "float32"}, "pools": {"prefill": {}, "decode": {}},
+           "scheduler": {"handoff_timeout_s": 2.5, "kv_cache_gib": 0.25}}  # fmt: skip
+    assert parse_manifest(raw).scheduler.handoff_timeout_s == 2.5
+    router, _ = boot(parse_manifest(raw))
+    try:
+        assert [e.config.handoff_timeout_s for e in router.engines] == [2.5, 2.5]
+    finally:
+        router.stop(drain=False, timeout=5)
+
+
 def test_kv_cache_gib():
     assert parse_manifest({"scheduler": {"kv_cache_gib": 0.5}}).scheduler.kv_bytes == 1 << 29
 
@@ -89,6 +103,10 @@ ERRORS = [
     ({"scheduler": {"page_size": 0}}, "scheduler.page_size: must be >= 1, got 0"),
     ({"scheduler": {"kv_cache_bytes": 0}}, "scheduler.kv_cache_bytes: must be >= 1, got 0"),
     ({"scheduler": {"kv_cache_gib": -2}}, "scheduler.kv_cache_gib: must be > 0, got -2"),
+    ({"scheduler": {"handoff_timeout_s": 0}}, "scheduler.handoff_timeout_s: must be > 0, got 0"),
+    ({"scheduler": {"handoff_timeout_s": "1m"}}, "scheduler.handoff_timeout_s: must be a number, got '1m'"),
+    ({"scheduler": {"handoff_failure": "retry"}},
+     "scheduler.handoff_failure: must be one of recompute, fail, got 'retry'"),
     ({"scheduler": {"kv_cache_gib": 1, "kv_cache_bytes": 5}}, "scheduler: give kv_cache_bytes or kv_cache_gib"),
     ({"scheduler": {"chunk": 3}}, "scheduler.chunk: unknown key; known keys: max_batch_tokens"),
     ({"scheduler": [1, 2]}, "scheduler: must be a mapping, got list"),
