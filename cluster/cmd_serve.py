@@ -161,6 +161,7 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
             num_gpus=pool.num_gpus,
             resources=dict(pool.resources),
             placement=pool.placement,
+            context_parallel_min_tokens=pool.context_parallel_min_tokens,
         ) for _ in range(pool.instances)]  # fmt: skip
     names = {p.role: p.name for p in manifest.pools}
     if "prefill" in by_role:

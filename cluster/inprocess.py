@@ -36,21 +36,25 @@ def build_engine(
     num_gpus: float = 0.0,
     resources: dict[str, float] | None = None,
     placement: str = "spread",
+    context_parallel_min_tokens: int = 0,
 ) -> Engine:
     """Load a checkpoint and return a started engine serving it. `workers` > 1 splits the
     experts over that many expert-parallel workers: threads in this process (`inprocess`,
     local communicator) or Ray actors in one placement group (`ray`, gloo or nccl), each
-    bundle asking for `num_cpus`, `num_gpus` and the custom `resources`."""
+    bundle asking for `num_cpus`, `num_gpus` and the custom `resources`. With several
+    workers, prefill chunks of at least `context_parallel_min_tokens` (0: off) are split
+    over them (context-parallel prefill)."""
     engine_config = engine_config or EngineConfig()
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
     if backend == "ray":
         bundle = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}}
         worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, placement,
-                            page_size, bundle)  # fmt: skip
+                            page_size, bundle, context_parallel_min_tokens)  # fmt: skip
     elif workers > 1:
         worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
-                                  page_size=page_size)  # fmt: skip
+                                  page_size=page_size,
+                                  context_parallel_min_tokens=context_parallel_min_tokens)  # fmt: skip
     else:
         model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
         worker = ModelWorker(model, page_size=page_size)
@@ -68,7 +72,8 @@ def build_engine(
     return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
 
 
-def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle):
+def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle,
+               cp_min_tokens):  # fmt: skip
     import ray
 
     from cluster.ray_backend import RayWorkerGroup
@@ -79,4 +84,5 @@ def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address
         checkpoint, workers, dtype=str(dtype).removeprefix("torch."), simulate_quant=simulate_quant,
         num_cpus=bundle["num_cpus"], num_gpus=bundle["num_gpus"], resources=[bundle["resources"]] * workers,
         strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator, page_size=page_size,
+        context_parallel_min_tokens=cp_min_tokens,
     )  # fmt: skip

@@ -233,6 +233,8 @@ class InstanceSpec:
     num_gpus: float = field(default=0.0, metadata=_nonnegative_float())  # GPUs per worker (ray; 1 on GPU nodes)
     resources: tuple[tuple[str, float], ...] = field(default=(), metadata=_resources())  # custom Ray resources
     placement: str = field(default="spread", metadata=_choice(PLACEMENTS))  # workers over nodes (ray)
+    context_parallel_min_tokens: int = field(default=0, metadata=_int(0))  # prefill chunks this long split over
+    # the workers (context-parallel prefill; 0 = off)
 
 
 @dataclass(frozen=True)

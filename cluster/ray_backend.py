@@ -45,6 +45,7 @@ class RankWorker:
 
         from router.comm import DistCommunicator
         from router.placement import ExpertPlacement
+        from workers.cp import apply_context_parallel
         from workers.ep import apply_expert_parallel
         from workers.weights import load_model
         from workers.worker import ModelWorker
@@ -61,6 +62,7 @@ class RankWorker:
         model = load_model(checkpoint, dtype=torch_dtype, simulate_quant=simulate_quant, progress=False,
                            expert_ids=placement.local_experts(rank))  # fmt: skip
         apply_expert_parallel(model, placement, DistCommunicator(backend))
+        apply_context_parallel(model, DistCommunicator(backend))
         self.worker = ModelWorker(model, lockstep=True, page_size=page_size)
         self.rank = rank
         self.export_delay = 0.0  # fault injection (tests): seconds each export waits first
@@ -81,6 +83,9 @@ class RankWorker:
         if self.export_delay:  # the state is still held here while it waits
             time.sleep(self.export_delay)
         return self.worker.export(uid)
+
+    def release(self, uid: str) -> None:
+        self.worker.release(uid)
 
     def set_export_delay(self, seconds: float) -> None:
         """Test hook: make every later export wait `seconds` before it copies the state, so a
@@ -111,6 +116,7 @@ class RayWorkerGroup:
         num_cpus: float = 1.0, num_gpus: float = 0.0, resources: list[dict[str, float]] | None = None,
         strategy: str = "SPREAD",
         step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo", page_size: int = 128,
+        context_parallel_min_tokens: int = 0,
     ) -> None:  # fmt: skip
         self.checkpoint, self.world_size = str(checkpoint), world_size
         self.dtype, self.simulate_quant = dtype, simulate_quant
@@ -123,6 +129,9 @@ class RayWorkerGroup:
         self.held: dict[str, int] = {}  # uid -> tokens in its state
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self.exporting: dict[str, int] = {}  # uid -> rank, while the driver waits for its export
+        from cluster.worker_group import ContextParallelPlan
+
+        self.cp = ContextParallelPlan(world_size, context_parallel_min_tokens)
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -156,6 +165,7 @@ class RayWorkerGroup:
         self.owner.clear()
         self.held.clear()
         self.prefix_rank.clear()
+        self.cp.replicated.clear()
         log.info("ray instance up: %d workers in %.1fs", self.world_size, time.perf_counter() - t0)
 
     def stop(self) -> None:
@@ -206,6 +216,8 @@ class RayWorkerGroup:
             raise HandoffLostError(f"exporting {uid} from rank {rank} failed ({type(e).__name__})") from e
         finally:
             self.exporting.pop(uid, None)
+        if self.cp.drop(uid):  # the other ranks' replicas of a context-parallel prefill
+            ray.get([a.release.remote(uid) for r, a in enumerate(self.actors) if r != rank], timeout=wait)
         self.owner.pop(uid)
         self.held.pop(uid, None)
         return state
@@ -228,7 +240,7 @@ class RayWorkerGroup:
         from cluster.worker_group import assign_owners, merge_results, split_plan
 
         assign_owners(self.owner, plan, self.world_size, self.held, self.page_size, self.prefix_rank)
-        plans = split_plan(self.owner, plan, self.world_size, self.prefix_rank)
+        plans = split_plan(self.owner, plan, self.world_size, self.prefix_rank, self.cp)
         for uid in plan.finished:
             self.owner.pop(uid, None)
         refs = [a.execute.remote(p) for a, p in zip(self.actors, plans, strict=True)]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.messages import StepPlan, StepResult
+from cluster.messages import SeqWork, StepPlan, StepResult
 from router.comm import CollectiveTimeoutError, LocalGroup
 from router.placement import ExpertPlacement
 from router.stats import LayerStats, merge
 from workers.config import ModelConfig
+from workers.cp import apply_context_parallel, split_chunk
 from workers.ep import apply_expert_parallel
 from workers.weights import load_model
 from workers.worker import ModelWorker
@@ -28,6 +29,7 @@ class LocalWorkerGroup:
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: torch.dtype, simulate_quant: bool = True,
         progress: bool = False, step_timeout: float = 600.0, page_size: int = 128,
+        context_parallel_min_tokens: int = 0,
     ) -> None:  # fmt: skip
         self.group = LocalGroup(world_size, timeout=step_timeout)
         self.workers: list[ModelWorker] = []
@@ -37,12 +39,14 @@ class LocalWorkerGroup:
             model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
                                expert_ids=placement.local_experts(rank))  # fmt: skip
             apply_expert_parallel(model, placement, self.group.communicator(rank))
+            apply_context_parallel(model, self.group.communicator(rank))
             self.workers.append(ModelWorker(model, lockstep=True, page_size=page_size))
         self.placement = placement
         self.owner: dict[str, int] = {}  # uid -> rank holding its state
         self.held: dict[str, int] = {}  # uid -> tokens in its state (placement by KV load)
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self.page_size = page_size
+        self.cp = ContextParallelPlan(world_size, context_parallel_min_tokens)
 
     @property
     def model(self):
@@ -58,7 +62,12 @@ class LocalWorkerGroup:
         """Hand a request's state over (from the rank that holds it; a copy in this process,
         so no `timeout`). Until it succeeds the rank keeps owning it, so the engine's release
         of a failed handoff (`StepPlan.finished`) still reaches that rank."""
-        state = self.workers[self.owner[uid]].export(uid)
+        rank = self.owner[uid]
+        state = self.workers[rank].export(uid)
+        if self.cp.drop(uid):  # the other ranks' replicas of a context-parallel prefill
+            for other, worker in enumerate(self.workers):
+                if other != rank:
+                    worker.release(uid)
         self.owner.pop(uid)
         self.held.pop(uid, None)
         return state
@@ -69,7 +78,7 @@ class LocalWorkerGroup:
 
     def execute(self, plan: StepPlan) -> StepResult:
         assign_owners(self.owner, plan, len(self.workers), self.held, self.page_size, self.prefix_rank)
-        plans = split_plan(self.owner, plan, len(self.workers), self.prefix_rank)
+        plans = split_plan(self.owner, plan, len(self.workers), self.prefix_rank, self.cp)
         for uid in plan.finished:
             self.owner.pop(uid, None)
         results: list[StepResult | None] = [None] * len(self.workers)
@@ -123,24 +132,82 @@ def assign_owners(
         held.pop(uid, None)
 
 
+class ContextParallelPlan:
+    """Which prefill chunks run context-parallel over every rank (workers/cp.py), and which
+    requests' states every rank holds a replica of.
+
+    A request qualifies from its first chunk (a new state: no cached prefix, no import) of
+    at least `min_tokens` tokens; its later chunks stay context-parallel while they have a
+    token per rank. Its first other work (a short chunk, decode) runs on its owner alone,
+    and the other ranks drop their replicas then (or when it finishes or is exported).
+    `min_tokens` 0 turns it off."""
+
+    def __init__(self, world_size: int, min_tokens: int = 0) -> None:
+        if min_tokens < 0:
+            raise ValueError(f"context-parallel min_tokens must be >= 0, got {min_tokens}")
+        self.world_size, self.min_tokens = world_size, min_tokens
+        self.replicated: set[str] = set()  # uids whose state every rank holds
+        self.chunks = 0  # chunks run context-parallel so far
+
+    def parts(self, w: SeqWork, plan: StepPlan) -> list[SeqWork] | None:
+        """Rank r's part of `w` at index r, or None when `w` runs on its owner alone."""
+        n = len(w.token_ids)
+        fresh = w.pos0 == 0 and w.prefix is None and w.uid not in plan.imports
+        if self.min_tokens <= 0 or self.world_size < 2 or n < self.world_size:
+            return None
+        if not ((fresh and n >= self.min_tokens) or w.uid in self.replicated):
+            return None
+        self.replicated.add(w.uid)
+        self.chunks += 1
+        end = w.pos0 + n
+        return [SeqWork(w.uid, w.token_ids[a - w.pos0 : b - w.pos0], a, w.sample and b == end, chunk=(w.pos0, end))
+                for a, b in split_chunk(w.pos0, end, self.world_size)]  # fmt: skip
+
+    def drop(self, uid: str) -> bool:
+        """Forget `uid`'s replicas; True if the non-owner ranks hold one to release."""
+        if uid in self.replicated:
+            self.replicated.discard(uid)
+            return True
+        return False
+
+
 def split_plan(
-    owner: dict[str, int], plan: StepPlan, world_size: int, prefix_rank: dict[str, int] | None = None
+    owner: dict[str, int], plan: StepPlan, world_size: int, prefix_rank: dict[str, int] | None = None,
+    cp: ContextParallelPlan | None = None,
 ) -> list[StepPlan]:
     """One plan per rank with that rank's requests (possibly empty: the rank still steps);
-    prefixes are kept on, and evicted from, the rank of their request (`prefix_rank`)."""
+    prefixes are kept on, and evicted from, the rank of their request (`prefix_rank`).
+    With `cp`, a long prefill chunk is split over every rank (each gets its part, the
+    request's sampling parameters and its replica's release)."""
     prefix_rank = prefix_rank if prefix_rank is not None else {}
+    cp = cp if cp is not None else ContextParallelPlan(world_size)
     evict = {key: prefix_rank.pop(key, -1) for key in plan.evict}
     for uid, key in plan.snapshots.items():
         prefix_rank[key] = owner[uid]
+    work: list[list[SeqWork]] = [[] for _ in range(world_size)]
+    everywhere: set[str] = set()  # uids every rank hears of this step (their parts, params, releases)
+    release: set[str] = set()  # uids whose replicas the non-owner ranks drop now
+    for w in plan.work:
+        parts = cp.parts(w, plan)
+        if parts is None:
+            if cp.drop(w.uid):
+                release.add(w.uid)
+            work[owner[w.uid]].append(w)
+            continue
+        everywhere.add(w.uid)
+        for rank, part in enumerate(parts):
+            work[rank].append(part)
+    release |= {u for u in plan.finished if cp.drop(u)}
     per_rank = []
     for rank in range(world_size):
-        mine = {uid for uid, r in owner.items() if r == rank}
+        mine = {uid for uid, r in owner.items() if r == rank} | everywhere
         per_rank.append(StepPlan(
-            work=tuple(w for w in plan.work if w.uid in mine),
-            finished=tuple(u for u in plan.finished if u in mine),
+            work=tuple(work[rank]),
+            finished=tuple(u for u in plan.finished if u in mine or u in release)
+            + tuple(u for u in release if u not in plan.finished and owner.get(u) != rank),
             sampling={u: p for u, p in plan.sampling.items() if u in mine},
             num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
-            snapshots={u: k for u, k in plan.snapshots.items() if u in mine},
+            snapshots={u: k for u, k in plan.snapshots.items() if owner.get(u) == rank},
             imports={u: x for u, x in plan.imports.items() if u in mine},
             evict=tuple(k for k, r in evict.items() if r == rank),
         ))  # fmt: skip
@@ -161,4 +228,6 @@ def _fresh_group(group: LocalWorkerGroup) -> LocalGroup:
     for rank, worker in enumerate(group.workers):
         for blk in [*worker.model.layers, *worker.model.mtp]:
             blk.ffn.comm = fresh.communicator(rank)
+            if blk.attn.cp is not None:
+                blk.attn.cp.comm = fresh.communicator(rank)
     return fresh

@@ -161,7 +161,6 @@ def split_chunk(start: int, end: int, world_size: int, align: int = 128) -> list
 def cp_batch(token_ids: torch.Tensor, state: SeqState, part: tuple[int, int], chunk: tuple[int, int]) -> Batch:
     """A batch holding this rank's part [a, b) of a context-parallel chunk of one sequence;
     `state` (this rank's replica) is at the chunk start and `token_ids` are the part's tokens."""
-    a, b = part
-    if state.num_tokens != chunk[0] or not chunk[0] <= a < b <= chunk[1] or token_ids.shape[0] != b - a:
-        raise ValueError(f"part {part} of chunk {chunk} with {token_ids.shape[0]} tokens, state at {state.num_tokens}")
-    return Batch(token_ids.long(), torch.arange(a, b), [SeqSlice(0, b - a, a, chunk)])
+    if token_ids.shape[0] != part[1] - part[0]:
+        raise ValueError(f"part {part} with {token_ids.shape[0]} tokens")
+    return Batch.build([token_ids], [state], [(part[0], chunk)])

@@ -33,13 +33,22 @@ class Batch:
     seqs: list[SeqSlice]
 
     @classmethod
-    def build(cls, chunks: list[torch.Tensor], states: list[SeqState]) -> Batch:
-        """Chunks of token ids (1-D, non-empty), each continuing its state."""
+    def build(
+        cls, chunks: list[torch.Tensor], states: list[SeqState],
+        parts: list[tuple[int, tuple[int, int]] | None] | None = None,
+    ) -> Batch:  # fmt: skip
+        """Chunks of token ids (1-D, non-empty), each continuing its state; or, where
+        `parts[i]` is (pos0, (a, b)), this rank's part at pos0 of a context-parallel chunk
+        [a, b) of a state at a (workers/cp.py)."""
         seqs, positions, start = [], [], 0
-        for ids, st in zip(chunks, states, strict=True):
+        for i, (ids, st) in enumerate(zip(chunks, states, strict=True)):
             n = ids.shape[0]
-            seqs.append(SeqSlice(start, start + n, st.num_tokens))
-            positions.append(torch.arange(st.num_tokens, st.num_tokens + n))
+            part = parts[i] if parts is not None else None
+            pos0, chunk = (st.num_tokens, None) if part is None else part
+            if chunk is not None and not (st.num_tokens == chunk[0] <= pos0 and pos0 + n <= chunk[1]):
+                raise ValueError(f"part at {pos0} ({n} tokens) of chunk {chunk}: the state is at {st.num_tokens}")
+            seqs.append(SeqSlice(start, start + n, pos0, chunk))
+            positions.append(torch.arange(pos0, pos0 + n))
             start += n
         if not chunks:  # an empty step: an expert-parallel worker with no tokens still runs every layer
             return cls(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [])

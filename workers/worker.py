@@ -64,10 +64,11 @@ class ModelWorker:
                 st = self.states[w.uid] = self.model.kv.restore(self.prefixes[w.prefix])
             elif st is None:
                 st = self.states[w.uid] = self.model.new_state()
-            assert st.num_tokens == w.pos0, f"{w.uid}: state at {st.num_tokens}, plan at {w.pos0}"
+            at = w.pos0 if w.chunk is None else w.chunk[0]
+            assert st.num_tokens == at, f"{w.uid}: state at {st.num_tokens}, plan at {at}"
             states.append(st)
         chunks = [torch.tensor(w.token_ids, dtype=torch.int64) for w in plan.work]
-        batch = Batch.build(chunks, states)
+        batch = Batch.build(chunks, states, [None if w.chunk is None else (w.pos0, w.chunk) for w in plan.work])
         streams = self.model(batch, states)
         for uid, key in plan.snapshots.items():
             self.prefixes[key] = self.model.kv.snapshot(self.states[uid])

@@ -7,12 +7,7 @@ request streams ends it within 10 s, the instance is rebuilt, later requests suc
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,40 +20,6 @@ from tests.cluster.test_engine import Collector, prompts, run
 from workers.kv_cache import KVCacheManager, KVLayout
 
 ray = pytest.importorskip("ray")
-
-
-def _ray_cli() -> str:
-    exe = shutil.which("ray", path=str(Path(os.sys.executable).parent)) or shutil.which("ray")
-    assert exe, "the ray CLI is not installed"
-    return exe
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    port, temp = _free_port(), tmp_path_factory.mktemp("ray")
-    common = ["--num-cpus=3", "--object-store-memory=150000000", "--disable-usage-stats"]
-    ray_cli = _ray_cli()
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}",
-                    f"--temp-dir={temp}", "--include-dashboard=false", '--resources={"node_a": 2}', *common],
-                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
-    try:
-        subprocess.run([ray_cli, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3",
-                        '--resources={"node_b": 2}', *common],
-                       env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address=f"127.0.0.2:{port}")
-        yield
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def ray_engine(checkpoint, world_size: int) -> Engine:

@@ -27,8 +27,6 @@ from workers.kv_cache import KVCacheManager, KVLayout
 
 ray = pytest.importorskip("ray")
 
-from tests.cluster.test_ray_backend import ray_cluster  # noqa: E402, F401  (this module's one Ray session)
-
 PROMPT, PROMPT_AFTER = prompts(2, length=40, seed=61)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 # top_k: over a random model's nearly flat distribution float noise moves a CDF step; over 20 it cannot
@@ -51,7 +49,7 @@ def reference(tiny_checkpoint) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def groups(ray_cluster, tiny_checkpoint):  # noqa: F811
+def groups(ray_cluster, tiny_checkpoint):
     """A prefill instance of 2 actors (one per node) and a decode instance of 1, kept for the
     module; each test puts new engines and a new router over them."""
     from cluster.ray_backend import RayWorkerGroup

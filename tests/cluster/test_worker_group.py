@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.engine import EngineConfig
 from cluster.inprocess import build_engine
 from cluster.messages import GenerateRequest, SamplingParams, SeqWork, StepPlan
+from cluster.router_actor import DisaggRouter
 from cluster.worker_group import LocalWorkerGroup
 from tests.cluster.test_engine import prompts, run
 from workers.model import Batch
@@ -108,3 +110,55 @@ def test_new_requests_go_to_the_rank_with_the_least_kv():
     fresh: dict[str, int] = {}
     assign_owners(fresh, StepPlan(work=tuple(SeqWork(f"n{i}", (1,), 0, True) for i in range(4))), 2, {}, 128)
     assert sorted(fresh.values()) == [0, 0, 1, 1]  # equal pages: the request count breaks the tie
+
+
+def _cp_requests() -> list[GenerateRequest]:
+    long_a, long_b = prompts(2, length=300, seed=13)
+    short = prompts(1, length=40, seed=14)[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    # top_k: over a random model's nearly flat distribution float noise moves a CDF step; over 20 it cannot
+    seeded = SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=5, ignore_eos=True)
+    return [GenerateRequest("a", long_a, greedy), GenerateRequest("b", long_b, seeded),
+            GenerateRequest("c", short, greedy)]  # fmt: skip
+
+
+def _cp_engine(checkpoint):
+    return build_engine(checkpoint, dtype=torch.float32, progress=False, workers=2,
+                        engine_config=EngineConfig(max_batch_tokens=256), context_parallel_min_tokens=128)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cp_reference(tiny_checkpoint):
+    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
+    col = run(engine, _cp_requests())
+    engine.stop()
+    return {r.uid: col.tokens(r.uid) for r in _cp_requests()}
+
+
+def test_context_parallel_prefill_gives_the_same_tokens(tiny_checkpoint, cp_reference):
+    """Prompts of 300 tokens in chunks of up to 256 (two requests' chunks in one step, a
+    44-token tail chunk still split) run context-parallel over 2 ranks; the 40-token prompt
+    does not. Same tokens as one worker; afterwards no rank holds a replica."""
+    engine = _cp_engine(tiny_checkpoint)
+    group = engine.worker
+    col = run(engine, _cp_requests())
+    for r in _cp_requests():
+        assert col.tokens(r.uid) == cp_reference[r.uid], r.uid
+    assert group.cp.chunks >= 3 and not group.cp.replicated
+    assert engine.wait_idle() and engine.kv.used_pages == 0 and group.num_states() == 0
+    engine.stop()
+
+
+def test_context_parallel_prefill_hands_off_to_a_decode_instance(tiny_checkpoint, cp_reference):
+    """A prefill instance of 2 workers prefills context-parallel, a 1-worker decode instance
+    decodes: the colocated tokens, and the prefill ranks release every replica."""
+    prefill = _cp_engine(tiny_checkpoint)
+    decode = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
+    router = DisaggRouter([prefill], [decode])
+    col = run(router, _cp_requests())
+    for r in _cp_requests():
+        assert col.tokens(r.uid) == cp_reference[r.uid], r.uid
+    assert router.handoffs == 3 and prefill.worker.cp.chunks >= 3
+    assert router.wait_idle() and prefill.worker.num_states() == 0 and decode.worker.num_states() == 0
+    assert prefill.kv.used_pages == 0 and decode.kv.used_pages == 0
+    router.stop()
