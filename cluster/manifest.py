@@ -4,7 +4,8 @@
     model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant
     backend:   inprocess | ray
     instance:  workers (expert-parallel workers per instance), communicator, num_cpus, num_gpus,
-               resources (custom Ray resources per worker), placement
+               resources (custom Ray resources per worker), placement, context_parallel_min_tokens
+               (prefill chunks this long are split over the workers; 0 = off)
     pools:     {NAME: {role, instances, <the instance keys>}}; instead of `instance` when a
                topology has several instances or prefill/decode pools (role colocated |
                prefill | decode; a pool named after a role takes that role)

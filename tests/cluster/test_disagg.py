@@ -111,7 +111,8 @@ def test_an_imported_state_continues_like_the_original(tiny_checkpoint):
 
 def test_dsv4_serve_with_prefill_and_decode_pools(tiny_checkpoint, tmp_path):
     """The shipped manifest's topology through a real server: chats stream across the
-    handoff, GetServerInfo shows both pools, greedy output equals the colocated engine's."""
+    handoff, GetServerInfo shows both pools, greedy output equals the colocated engine's
+    (a 300-token prompt is prefilled context-parallel over the prefill pool's 2 workers)."""
     import yaml
 
     from tests.cluster.test_gateway import Server, generate, pb
@@ -122,20 +123,21 @@ def test_dsv4_serve_with_prefill_and_decode_pools(tiny_checkpoint, tmp_path):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
     server = Server("-m", str(tmp_path / "m.yaml"))
     try:
-        ids = list(prompts(1, length=40, seed=44)[0])
-        out = list(server.stub.Generate(generate(ids, max_tokens=10, temperature=0.0, ignore_eos=True)))
-        got = [t for r in out if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
-        assert out[-1].finish.finish_reason == "length" and len(got) == 10
         m = model_of(tiny_checkpoint)
         e = engine(ModelWorker(m), m.cfg)
-        ref = run(e, [GenerateRequest("r", tuple(ids), SamplingParams(max_tokens=10, temperature=0.0,
-                                                                      ignore_eos=True))]).tokens("r")  # fmt: skip
+        for ids in (list(prompts(1, length=40, seed=44)[0]), list(prompts(1, length=300, seed=45)[0])):
+            out = list(server.stub.Generate(generate(ids, max_tokens=10, temperature=0.0, ignore_eos=True)))
+            got = [t for r in out if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
+            assert out[-1].finish.finish_reason == "length" and len(got) == 10
+            ref = run(e, [GenerateRequest("r", tuple(ids), SamplingParams(max_tokens=10, temperature=0.0,
+                                                                          ignore_eos=True))]).tokens("r")  # fmt: skip
+            assert got == ref, len(ids)
         e.stop()
-        assert got == ref
         info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
         pools = {p.name: p for p in info.pools}
         assert (pools["prefill"].role, pools["decode"].role) == ("prefill", "decode")
         assert [w.rank for w in pools["decode"].workers] == [0, 1] and pools["decode"].num_instances == 1
+        assert [w.rank for w in pools["prefill"].workers] == [0, 1]
     finally:
         assert server.stop() == 0
 

@@ -147,6 +147,8 @@ ERRORS = [
      "pools.colocated.resources: num_gpus and resources place Ray actors"),
     ({"instance": {"workers": 2}, "pools": {"colocated": {}}}, "pools: give pools or instance, not both"),
     ({"pools": []}, "pools: must be a non-empty mapping"),
+    ({"pools": {"prefill": {"context_parallel_min_tokens": -1}, "decode": {}}},
+     "pools.prefill.context_parallel_min_tokens: must be >= 0, got -1"),
 ]
 
 
@@ -161,7 +163,7 @@ def test_pools_and_the_instance_shorthand():
     pre, dec = m.pools
     assert (pre.name, pre.role, pre.instances, pre.workers, pre.num_gpus, pre.resources) == (
         "prefill", "prefill", 2, 8, 1.0, (("prefill", 1.0),))  # fmt: skip
-    assert (dec.name, dec.role) == ("decoders", "decode")
+    assert (dec.name, dec.role, dec.context_parallel_min_tokens) == ("decoders", "decode", 0)
     assert (m.communicator_of(dec), m.communicator_of(pre)) == ("nccl", "gloo")
     assert m.pool_path(dec) == "pools.decoders"
 
