@@ -29,12 +29,16 @@ def requests() -> list[GenerateRequest]:
     return out
 
 
+def _one_worker_tokens(checkpoint, reqs: list[GenerateRequest]) -> dict[str, list[int]]:
+    engine = build_engine(checkpoint, dtype=torch.float32, progress=False)
+    col = run(engine, reqs)
+    engine.stop()
+    return {r.uid: col.tokens(r.uid) for r in reqs}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
-    col = run(engine, requests())
-    engine.stop()
-    return {r.uid: col.tokens(r.uid) for r in requests()}
+    return _one_worker_tokens(tiny_checkpoint, requests())
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -129,10 +133,7 @@ def _cp_engine(checkpoint):
 
 @pytest.fixture(scope="module")
 def cp_reference(tiny_checkpoint):
-    engine = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
-    col = run(engine, _cp_requests())
-    engine.stop()
-    return {r.uid: col.tokens(r.uid) for r in _cp_requests()}
+    return _one_worker_tokens(tiny_checkpoint, _cp_requests())
 
 
 def test_context_parallel_prefill_gives_the_same_tokens(tiny_checkpoint, cp_reference):
