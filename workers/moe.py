@@ -110,7 +110,8 @@ class ExpertGroup(nn.Module):
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [P, in] sorted by group, w [G, out, in], counts [G] -> [P, out]: row block g times w[g]^T."""
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
-    if hasattr(F, "grouped_mm") and x.shape[0] > 0 and aligned:  # needs 16-byte row strides
+    supported = x.device.type == "cpu" or x.dtype == torch.bfloat16  # CUDA's grouped_mm: bf16 only
+    if hasattr(F, "grouped_mm") and x.shape[0] > 0 and aligned and supported:  # needs 16-byte row strides
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
     out = x.new_empty(x.shape[0], w.shape[1])

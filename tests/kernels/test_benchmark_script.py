@@ -32,3 +32,23 @@ def test_smoke_checks_every_case() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
     assert len(rows) == 17 and all(" ok " in line for line in rows), done.stdout
+
+
+def test_gpu_model_check_runs_on_cpu_with_the_references(tmp_path, monkeypatch) -> None:
+    """benchmarks/gpu_model_check.py (the model on a GPU through the kernels) runs its every
+    step on CPU with the references, so the prepared GPU call does not fail on the script."""
+    import importlib.util
+    import json
+
+    path = SCRIPT.parent / "gpu_model_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_model_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("DSV4_KERNELS", "ref")  # restored after the test (the script sets it on CPU)
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--batch", "2", "--context", "256", "--steps", "1", "--out", str(out)]
+    assert module.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["fp32 kernels vs cpu"]["same_argmax"] == 1.0 and r["fp32 kernels vs cpu"]["max_abs_diff"] < 1e-3
+    assert r["fp32 torch path on device vs cpu"]["max_abs_diff"] == 0.0
+    assert set(r["decode"]) == {"fp32", "bf16"} and all(v["kernels_ms"] > 0 for v in r["decode"].values())

@@ -1,0 +1,127 @@
+"""The whole model on a GPU, through the kernels (issue #7): the logits of prefill chunks
+and batched decode steps against the CPU's pure-torch path on the same random tiny model,
+then decode-step time with and without the kernels.
+
+One prepared call for the lent GPU machine (no Ray needed):
+    python benchmarks/gpu_model_check.py --out $OUT/gpu_model.json
+On a CPU, `--device cpu` runs the same steps with the kernels' torch references (a check
+of this script, not of the GPU).
+
+Checks, each printed with its numbers:
+  1. fp32, kernel path (Triton on CUDA) vs fp32 CPU torch path: max |logit diff|, same argmax.
+  2. fp32, torch path on the GPU vs the CPU: the model itself is device-clean.
+  3. bf16 kernel path vs fp32: share of positions with the same argmax.
+Then decode steps (batch B at a context of C tokens) with the kernel path vs the torch
+path on the same device: ms per step and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
+from workers.model import Batch, Transformer  # noqa: E402
+from workers.weights import load_model  # noqa: E402
+
+LENGTHS, SPLIT, DECODE = (300, 131), 200, 5  # crosses 4- and 128-token blocks; top-k drops most keys
+
+
+def scenario(model: Transformer, kernel_path: bool | None) -> list[torch.Tensor]:
+    """Prefill two sequences (the first in two chunks), then decode both: logits per call (CPU)."""
+    model.set_kernel_path(kernel_path)
+    model.configure_kv()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 129280, (n,), generator=gen) for n in LENGTHS]
+    states = [model.new_state() for _ in prompts]
+    out = [model.logits(model(Batch.build([prompts[0][:SPLIT], *prompts[1:]], states), states))]
+    out.append(model.logits(model(Batch.build([prompts[0][SPLIT:]], states[:1]), states[:1])))
+    for _ in range(DECODE):
+        ids = [torch.randint(0, 129280, (1,), generator=gen) for _st in states]
+        out.append(model.logits(model(Batch.build(ids, states), states)))
+    for st in states:
+        st.free()
+    return [t.float().cpu() for t in out]
+
+
+def compare(got: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, float]:
+    diff = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+    same = torch.cat([(g.argmax(-1) == r.argmax(-1)).float() for g, r in zip(got, ref, strict=True)])
+    finite = all(bool(torch.isfinite(g).all()) for g in got)
+    return {"max_abs_diff": diff, "same_argmax": float(same.mean()), "finite": finite}
+
+
+def decode_ms(model: Transformer, kernel_path: bool | None, batch: int, context: int, steps: int) -> float:
+    """ms per decode step of `batch` sequences whose states hold `context` prompt tokens."""
+    model.set_kernel_path(kernel_path)
+    model.configure_kv()
+    gen = torch.Generator().manual_seed(2)
+    states = [model.new_state() for _ in range(batch)]
+    for i in range(0, context, 4096):  # prefill every sequence in chunks, all in one batch
+        n = min(4096, context - i)
+        model(Batch.build([torch.randint(0, 129280, (n,), generator=gen) for _ in states], states), states)
+    ids = [torch.randint(0, 129280, (1,), generator=gen) for _ in states]
+    model.logits(model(Batch.build(ids, states), states))  # warm-up (kernels compile here)
+    sync = torch.cuda.synchronize if model.embed.weight.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.logits(model(Batch.build(ids, states), states))
+    sync()
+    return (time.perf_counter() - t0) * 1000 / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda (Triton kernels), or cpu (the kernels' references)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=32, help="decode timing: sequences per step")
+    ap.add_argument("--context", type=int, default=4096, help="decode timing: prompt tokens per sequence")
+    ap.add_argument("--steps", type=int, default=20, help="decode timing: timed steps")
+    ap.add_argument("--out", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here; use --device cpu to check the script")
+    if dev.type == "cpu":
+        os.environ["DSV4_KERNELS"] = "ref"
+    ckpt = ensure_preset_checkpoint(args.preset)
+    results: dict[str, object] = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                                  "torch": torch.__version__, "preset": args.preset}  # fmt: skip
+    cpu = load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False)
+    ref = scenario(cpu, False)
+    on_dev = load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False).to(dev)
+    results["fp32 kernels vs cpu"] = compare(scenario(on_dev, True), ref)
+    results["fp32 torch path on device vs cpu"] = compare(scenario(on_dev, False), ref)
+    bf16 = load_model(ckpt, dtype=torch.bfloat16, simulate_quant=True, progress=False).to(dev)
+    results["bf16 kernels vs fp32 cpu"] = compare(scenario(bf16, True), ref)
+    for name, r in results.items():
+        if isinstance(r, dict):
+            print(f"{name:34s} max |diff| {r['max_abs_diff']:.2e}  same argmax {r['same_argmax']:.3f}  "
+                  f"finite {r['finite']}")  # fmt: skip
+    timing = {}
+    for model, label in ((on_dev, "fp32"), (bf16, "bf16")):
+        fast = decode_ms(model, True, args.batch, args.context, args.steps)
+        plain = decode_ms(model, False, args.batch, args.context, args.steps)
+        timing[label] = {"kernels_ms": fast, "torch_ms": plain, "speedup": plain / fast}
+        print(f"decode step {label}, batch {args.batch}, context {args.context}: kernels {fast:.2f} ms, "
+              f"torch {plain:.2f} ms ({plain / fast:.2f}x)")  # fmt: skip
+    results["decode"] = timing
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    ok = results["fp32 kernels vs cpu"]["same_argmax"] == 1.0 and results["fp32 kernels vs cpu"]["finite"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
