@@ -98,6 +98,7 @@ class CheckpointReader:
         self._hidden = set(self._scale_of.values())
         self._names = [k for k in self._files if k not in self._hidden]
         self.bytes_read = 0  # stored bytes (weights + scales) read from the files so far
+        self.formats: dict[str, str] = {}  # name -> how it was stored: 'fp8', 'fp4' or 'cast' (loaded so far)
 
     def _read_layout(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
@@ -192,6 +193,7 @@ class CheckpointReader:
         stored, stored_shape = _header(fh, file, name)
         scale_key = self._scale_of.get(name)
         kind = _kind(stored, scale_key is not None, target, name, file)
+        self.formats[name] = kind
         logical = list(stored_shape)
         if kind == "fp4" and stored != "F4":  # int8/uint8 bytes hold two e2m1 values each
             logical[-1] *= 2

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import RopeScaling
+from workers.quant import act_qdq, quant_fp8_weight
 
 
 def default_cpu_dtype() -> torch.dtype:
@@ -31,15 +32,30 @@ class Linear(nn.Module):
     """A bias-free linear layer whose parameter is called `weight`, as in the checkpoint.
 
     Quantized checkpoint weights are dequantized at load (SPEC §8); the GEMM runs in
-    the weight's dtype, so `x` is cast to it first.
+    the weight's dtype, so `x` is cast to it first. A weight stored in FP8 gets the
+    official FP8 GEMM's numerics (`act_quant`, set by the loader): activations rounded to
+    e4m3 per token and 128 channels first; on the kernel path (GPU) `kernels.fp8_gemm`
+    runs it on the e4m3 weight (re-quantized from the loaded one, exactly: its block
+    scales are powers of two).
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.act_quant = False
+        self._fp8: tuple[torch.Tensor, torch.Tensor] | None = None  # (e4m3 weight, ue8m0 scales) for the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight)
+        if not self.act_quant:
+            return F.linear(x.to(self.weight.dtype), self.weight)
+        import kernels  # here: kernels/ imports this module for its references
+
+        if kernels.use_triton(x):
+            if self._fp8 is None or self._fp8[0].device != self.weight.device:
+                self._fp8 = quant_fp8_weight(self.weight)
+            flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
+            return kernels.fp8_gemm(flat, *self._fp8).view(*x.shape[:-1], -1)
+        return F.linear(act_qdq(x.to(self.weight.dtype)), self.weight)
 
 
 class RMSNorm(nn.Module):

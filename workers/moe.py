@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from workers.config import ModelConfig
 from workers.layers import Linear
+from workers.quant import act_qdq, quant_fp4_weight
 
 
 class Gate(nn.Module):
@@ -79,7 +81,11 @@ class ExpertGroup(nn.Module):
     """Routed experts stacked per projection: w1/w3 [E_local, I, d], w2 [E_local, d, I].
 
     `expert_ids[k]` is the global id of local expert k; the checkpoint names them
-    `experts.{id}.w{1,2,3}.weight`.
+    `experts.{id}.w{1,2,3}.weight`. Experts stored in FP4 (or FP8) get the official
+    GEMM numerics (`act_quant`, set by the loader): each GEMM's input rounded to e4m3 per
+    token and 128 channels; on the kernel path (GPU) FP4 experts run
+    `kernels.fp4_grouped_gemm` on packed e2m1 weights (re-quantized from the loaded ones,
+    exactly: their per-32 scales are powers of two).
     """
 
     def __init__(self, dim: int, inter: int, expert_ids: list[int], limit: float, dtype: torch.dtype) -> None:
@@ -90,6 +96,9 @@ class ExpertGroup(nn.Module):
         self.w1 = nn.Parameter(torch.empty(e, inter, dim, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, dim, inter, dtype=dtype), requires_grad=False)
         self.w3 = nn.Parameter(torch.empty(e, inter, dim, dtype=dtype), requires_grad=False)
+        self.act_quant = False
+        self.weight_format: str | None = None  # 'fp4' / 'fp8' when the checkpoint stored them so
+        self._fp4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # w1/w2/w3 -> (packed [E, N, K/2], scales)
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Rows x [P, d] with local expert ids [P] and gate weights [P] -> weighted outputs [P, d] fp32.
@@ -99,12 +108,30 @@ class ExpertGroup(nn.Module):
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=self.w1.shape[0])
         xs = x[order].to(self.w1.dtype)
-        h = swiglu(grouped_linear(xs, self.w1, counts), grouped_linear(xs, self.w3, counts), self.limit)
+        xs = act_qdq(xs) if self.act_quant else xs
+        gemm = self._gemm(counts, xs)
+        h = swiglu(gemm("w1", xs), gemm("w3", xs), self.limit)
         h = (h * weights[order, None]).to(self.w2.dtype)
-        y = grouped_linear(h, self.w2, counts).float()
+        h = act_qdq(h) if self.act_quant else h
+        y = gemm("w2", h).float()
         out = torch.empty_like(y)
         out[order] = y
         return out
+
+
+    def _gemm(self, counts: torch.Tensor, x: torch.Tensor):
+        """(projection name, rows sorted by expert) -> rows times that projection of their expert."""
+        if self.weight_format == "fp4" and kernels.use_triton(x):
+            offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
+            return lambda name, rows: kernels.fp4_grouped_gemm(rows, *self._packed(name), offsets)
+        return lambda name, rows: grouped_linear(rows, getattr(self, name), counts)
+
+    def _packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = getattr(self, name)
+        if name not in self._fp4 or self._fp4[name][0].device != w.device:
+            packed, scale = quant_fp4_weight(w.flatten(0, 1))
+            self._fp4[name] = (packed.view(*w.shape[:2], -1), scale.view(*w.shape[:2], -1))
+        return self._fp4[name]
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,16 @@ def fp4_qdq(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (q * s).flatten(-2).to(x.dtype)
 
 
+def act_qdq(x: torch.Tensor) -> torch.Tensor:
+    """The activation quant before an FP8/FP4 GEMM (SPEC §8) as quant->dequant: per token
+    (row) and 128-channel block of x [..., K] (a ragged last block counts only its
+    channels), s = 2^ceil(log2(max(amax, 1e-4) / 448)), x_q = e4m3(clamp(x / s, ±448)) * s;
+    returned in x's dtype (exact in bf16: e4m3 values times a power of two)."""
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x.float(), (0, -k % FP8_WEIGHT_BLOCK))
+    return fp8_qdq(padded, FP8_WEIGHT_BLOCK)[..., :k].to(x.dtype)
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard transform of `x` [..., n] (n a power of two) -> x.dtype [..., n].
 

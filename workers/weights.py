@@ -17,6 +17,7 @@ import torch
 
 from workers.checkpoint import CheckpointError, CheckpointReader
 from workers.config import ModelConfig
+from workers.layers import Linear
 from workers.model import Transformer
 
 log = logging.getLogger("dsv4.weights")
@@ -62,10 +63,27 @@ def load_weights(model: Transformer, path: str | Path, *, progress: bool = True)
                 _check_tid2eid(value, cfg, reader.file_of(name), name)
             targets[name].copy_(value)
     model.checkpoint_bytes_read = reader.bytes_read
+    _mark_quantized(model, reader.formats)
     held = model.layers[0].ffn.experts.expert_ids if model.layers else []
     log.info("read %.1f MiB from %s (%d of %d routed experts)", reader.bytes_read / 2**20, path, len(held),
              cfg.n_routed_experts)  # fmt: skip
     return reader.bytes_read
+
+
+def _mark_quantized(model: Transformer, formats: dict[str, str]) -> None:
+    """Give the GEMMs of weights stored in FP8/FP4 the official numerics (activation quant,
+    SPEC §8) when the model simulates quantization, and tell expert groups their format."""
+    for name, kind in formats.items():
+        if kind not in ("fp8", "fp4"):
+            continue
+        m = _PER_EXPERT.match(name)
+        if m is not None:
+            group = model.get_submodule(m["prefix"])
+            group.weight_format, group.act_quant = kind, model.simulate_quant
+        elif name.endswith(".weight"):
+            module = model.get_submodule(name.removesuffix(".weight"))
+            if isinstance(module, Linear):
+                module.act_quant = model.simulate_quant
 
 
 def _check_tid2eid(value: torch.Tensor, cfg: ModelConfig, file: str, name: str) -> None:
