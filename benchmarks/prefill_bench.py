@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(setups) * len(lengths), desc="prefill runs", unit="run")
     for w, cp in setups:
         engine = build_engine(ckpt, engine_config=cfg, dtype=torch.float32, kv_cache_bytes=int(args.kv_gib * 2**30),
-                              progress=False, workers=w, context_parallel_min_tokens=1 if cp else 0)  # fmt: skip
+                              progress=False, workers=w, context_parallel_min_tokens=w if cp else 0)  # fmt: skip
         prefill_seconds(engine, 256, "warmup", gen)
         for n in lengths:
             seconds[w, cp, n] = prefill_seconds(engine, n, f"w{w}-{cp}-{n}", gen)

@@ -45,6 +45,7 @@ class EngineConfig:
     max_model_len: int = 1048576  # prompt + completion tokens per request
     prefix_cache: bool = False  # keep states at page boundaries and reuse them for prompts that share them
     handoff_timeout_s: float = 30.0  # a KV handoff's export from a remote (Ray) worker; past it the state is lost
+    context_parallel_min_tokens: int = 0  # new prompts this long prefill split over the workers (0 = off)
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Engine:
         self, worker, tokenizer: DeepSeekV4Tokenizer, kv: KVCacheManager, config: EngineConfig, eos_id: int = 1
     ) -> None:
         self.worker, self.tokenizer, self.kv, self.config, self.eos_id = worker, tokenizer, kv, config, eos_id
-        self.scheduler = Scheduler(kv, config.max_batch_tokens, config.max_running, config.prefix_cache)
+        self.scheduler = Scheduler(kv, config.max_batch_tokens, config.max_running, config.prefix_cache,
+                                   cp_ranks=getattr(worker, "world_size", 1),
+                                   cp_min_tokens=config.context_parallel_min_tokens)  # fmt: skip
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
         self._inbox: list[tuple[str, object]] = []  # ("submit", _Live) | ("abort", uid)

@@ -41,29 +41,30 @@ def build_engine(
     """Load a checkpoint and return a started engine serving it. `workers` > 1 splits the
     experts over that many expert-parallel workers: threads in this process (`inprocess`,
     local communicator) or Ray actors in one placement group (`ray`, gloo or nccl), each
-    bundle asking for `num_cpus`, `num_gpus` and the custom `resources`. With several
-    workers, prefill chunks of at least `context_parallel_min_tokens` (0: off) are split
-    over them (context-parallel prefill)."""
+    bundle asking for `num_cpus`, `num_gpus` and the custom `resources`. `kv_cache_bytes`
+    is per worker (the instance's KV budget is that times `workers`). With several
+    workers, new prompts of at least `context_parallel_min_tokens` (0: off) are prefilled
+    split over them (context-parallel prefill)."""
     engine_config = engine_config or EngineConfig()
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
     t0 = time.perf_counter()
     if backend == "ray":
         bundle = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}}
         worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, placement,
-                            page_size, bundle, context_parallel_min_tokens)  # fmt: skip
+                            page_size, bundle)  # fmt: skip
     elif workers > 1:
         worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
-                                  page_size=page_size,
-                                  context_parallel_min_tokens=context_parallel_min_tokens)  # fmt: skip
+                                  page_size=page_size)  # fmt: skip
     else:
         model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
         worker = ModelWorker(model, page_size=page_size)
     model = worker.model
     tokenizer = load_tokenizer(str(checkpoint))
     layout = KVLayout.for_model(model.cfg, elem_bytes=torch.empty(0, dtype=dtype).element_size())
-    kv = KVCacheManager.from_bytes(layout, kv_cache_bytes, page_size)
+    kv = KVCacheManager.from_bytes(layout, kv_cache_bytes * workers, page_size)  # kv_cache_bytes is per worker
     max_len = min(engine_config.max_model_len, model.cfg.max_position_embeddings)
-    config = EngineConfig(**{**engine_config.__dict__, "max_model_len": max_len})
+    cp_min = context_parallel_min_tokens or engine_config.context_parallel_min_tokens
+    config = EngineConfig(**{**engine_config.__dict__, "max_model_len": max_len, "context_parallel_min_tokens": cp_min})
     log.info(
         "model loaded (%s) in %.1fs: %d layers, %d experts, KV %.0f B/token + %.1f MiB/request, %d pages of %d tokens",
         str(dtype).removeprefix("torch."), time.perf_counter() - t0, model.cfg.num_hidden_layers,
@@ -72,8 +73,7 @@ def build_engine(
     return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
 
 
-def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle,
-               cp_min_tokens):  # fmt: skip
+def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle):
     import ray
 
     from cluster.ray_backend import RayWorkerGroup
@@ -84,5 +84,4 @@ def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address
         checkpoint, workers, dtype=str(dtype).removeprefix("torch."), simulate_quant=simulate_quant,
         num_cpus=bundle["num_cpus"], num_gpus=bundle["num_gpus"], resources=[bundle["resources"]] * workers,
         strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator, page_size=page_size,
-        context_parallel_min_tokens=cp_min_tokens,
     )  # fmt: skip

@@ -200,7 +200,7 @@ class SchedulerSpec:
     max_running: int = field(default=64, metadata=_int(1))  # requests in the running batch
     max_waiting: int = field(default=1024, metadata=_int(1))  # queued requests before RESOURCE_EXHAUSTED
     max_model_len: int = field(default=1048576, metadata=_int(2))  # prompt + completion tokens (capped by the model)
-    kv_cache_bytes: int | None = field(default=None, metadata=_int(1, optional=True))  # KV cache size ...
+    kv_cache_bytes: int | None = field(default=None, metadata=_int(1, optional=True))  # KV cache per worker ...
     kv_cache_gib: float | None = field(default=None, metadata=_positive_float(optional=True))  # ... or in GiB
     page_size: int = field(default=128, metadata=_int(1))  # raw tokens per KV page (a multiple of 128)
     prefix_cache: bool = field(default=True, metadata=_bool())  # reuse states of shared prompt prefixes
@@ -213,7 +213,7 @@ class SchedulerSpec:
 
     @property
     def kv_bytes(self) -> int:
-        """The KV cache size in bytes (default 2 GiB)."""
+        """The KV cache size per worker in bytes (default 2 GiB; an instance has workers x this)."""
         if self.kv_cache_bytes is not None:
             return self.kv_cache_bytes
         return int((self.kv_cache_gib or 2.0) * 2**30)

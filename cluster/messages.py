@@ -102,6 +102,7 @@ class SeqWork:
     pos0: int
     sample: bool
     prefix: str | None = None  # a new request's state starts from this cached prefix (pos0 tokens)
+    context_parallel: bool = False  # split this prefill chunk over every rank of the instance (workers/cp.py)
     chunk: tuple[int, int] | None = None  # context parallel: this is one rank's part of positions [a, b)
 
 

@@ -116,7 +116,6 @@ class RayWorkerGroup:
         num_cpus: float = 1.0, num_gpus: float = 0.0, resources: list[dict[str, float]] | None = None,
         strategy: str = "SPREAD",
         step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo", page_size: int = 128,
-        context_parallel_min_tokens: int = 0,
     ) -> None:  # fmt: skip
         self.checkpoint, self.world_size = str(checkpoint), world_size
         self.dtype, self.simulate_quant = dtype, simulate_quant
@@ -131,7 +130,7 @@ class RayWorkerGroup:
         self.exporting: dict[str, int] = {}  # uid -> rank, while the driver waits for its export
         from cluster.worker_group import ContextParallelPlan
 
-        self.cp = ContextParallelPlan(world_size, context_parallel_min_tokens)
+        self.cp = ContextParallelPlan(world_size)
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------

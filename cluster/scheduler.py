@@ -33,6 +33,7 @@ class SchedRequest:
     snaps: list[str] = field(default_factory=list)  # prefixes this request kept (the latest ones)
     prompt_snap: str | None = None  # the one at the prompt's last page boundary (kept longer)
     imported: Any = None  # a state handed over by a prefill instance (workers.kv_pool.SeqExport)
+    context_parallel: bool = False  # its prefill chunks run split over the instance's ranks (replicas on each)
 
     def keys_upto(self, num_tokens: int, page_size: int) -> list[str]:
         """Its page keys covering at least the first `num_tokens` tokens' full pages."""
@@ -53,8 +54,15 @@ class SchedRequest:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_batch_tokens: int, max_running: int, prefix_cache: bool = False) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_batch_tokens: int, max_running: int, prefix_cache: bool = False,
+        cp_ranks: int = 1, cp_min_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        """`cp_ranks` > 1 and `cp_min_tokens` > 0: a new prompt of at least `cp_min_tokens`
+        (no cached prefix, not handed over) is prefilled context-parallel over the ranks;
+        its pages count `cp_ranks` times until its prefill ends (every rank holds a replica)."""
         self.kv = kv
+        self.cp_ranks, self.cp_min_tokens = cp_ranks, cp_min_tokens
         self.prefix = PrefixIndex(kv) if prefix_cache else None
         self._snapshots: dict[str, str] = {}  # uid -> key, for the plan being built
         self._imports: dict[str, Any] = {}  # uid -> handed-over state, for the plan being built
@@ -105,6 +113,7 @@ class Scheduler:
             hit = None
             if self.prefix is not None and req.imported is None:
                 hit = self.prefix.lookup(req.keys_upto(req.tokens, self.kv.page_size), req.tokens)
+            self._plan_context_parallel(req, hit)
             while not self.kv.can_grow(req.uid, req.tokens + 1):  # whole prompt must fit to start
                 if self.prefix is None or not self.prefix.evict_one():
                     break
@@ -123,6 +132,15 @@ class Scheduler:
             budget -= n
         return self._plan(work)
 
+    def _plan_context_parallel(self, req: SchedRequest, hit) -> None:
+        """Decide at admission whether `req` prefills context-parallel (and charge its replicas)."""
+        n = len(req.prompt)
+        req.context_parallel = (
+            self.cp_ranks > 1 and 0 < self.cp_min_tokens <= n and hit is None and req.imported is None
+            and self.kv.pages_for(n + 1) * self.cp_ranks <= self.kv.num_pages  # the replicas fit at all
+        )  # fmt: skip
+        self.kv.set_copies(req.uid, self.cp_ranks if req.context_parallel else 1)
+
     def _chunk(self, req: SchedRequest, budget: int) -> int:
         """Tokens of `req` to run now: what is left, within the budget; with the prefix cache,
         a prefill chunk that crosses a page boundary ends on it (so its state can be kept)."""
@@ -138,7 +156,12 @@ class Scheduler:
         req.computed += n
         if self.prefix is not None and req.computed % self.kv.page_size == 0:
             self._keep(req)
-        return SeqWork(req.uid, req.token_slice(start, start + n), start, req.computed == req.tokens, prefix)
+        split = req.context_parallel and n >= self.cp_ranks
+        if req.context_parallel and not split:  # its owner goes on alone: the other ranks drop their
+            req.context_parallel = False  # replicas first thing in this step, before anything grows
+            self.kv.set_copies(req.uid, 1)
+        return SeqWork(req.uid, req.token_slice(start, start + n), start, req.computed == req.tokens, prefix,
+                       context_parallel=split)  # fmt: skip
 
     def _keep(self, req: SchedRequest) -> None:
         """Ask the worker to keep `req`'s state after this step (it ends on a page boundary).

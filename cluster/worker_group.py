@@ -29,9 +29,9 @@ class LocalWorkerGroup:
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: torch.dtype, simulate_quant: bool = True,
         progress: bool = False, step_timeout: float = 600.0, page_size: int = 128,
-        context_parallel_min_tokens: int = 0,
     ) -> None:  # fmt: skip
         self.group = LocalGroup(world_size, timeout=step_timeout)
+        self.world_size = world_size
         self.workers: list[ModelWorker] = []
         cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
         placement = ExpertPlacement(cfg.n_routed_experts, world_size)
@@ -46,7 +46,7 @@ class LocalWorkerGroup:
         self.held: dict[str, int] = {}  # uid -> tokens in its state (placement by KV load)
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self.page_size = page_size
-        self.cp = ContextParallelPlan(world_size, context_parallel_min_tokens)
+        self.cp = ContextParallelPlan(world_size)
 
     @property
     def model(self):
@@ -133,30 +133,28 @@ def assign_owners(
 
 
 class ContextParallelPlan:
-    """Which prefill chunks run context-parallel over every rank (workers/cp.py), and which
-    requests' states every rank holds a replica of.
+    """Splits the chunks the scheduler marks `context_parallel` over every rank
+    (workers/cp.py) and tracks which requests' states every rank holds a replica of.
 
-    A request qualifies from its first chunk (a new state: no cached prefix, no import) of
-    at least `min_tokens` tokens; its later chunks stay context-parallel while they have a
-    token per rank. Its first other work (a short chunk, decode) runs on its owner alone,
-    and the other ranks drop their replicas then (or when it finishes or is exported).
-    `min_tokens` 0 turns it off."""
+    The scheduler marks a new request's prefill chunks (it decides, and charges the
+    replicas to the KV budget); the first unmarked work of a replicated request (a short
+    chunk, decode) runs on its owner alone, and the other ranks drop their replicas then,
+    or when it finishes or is exported."""
 
-    def __init__(self, world_size: int, min_tokens: int = 0) -> None:
-        if min_tokens < 0:
-            raise ValueError(f"context-parallel min_tokens must be >= 0, got {min_tokens}")
-        self.world_size, self.min_tokens = world_size, min_tokens
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
         self.replicated: set[str] = set()  # uids whose state every rank holds
         self.chunks = 0  # chunks run context-parallel so far
 
     def parts(self, w: SeqWork, plan: StepPlan) -> list[SeqWork] | None:
         """Rank r's part of `w` at index r, or None when `w` runs on its owner alone."""
         n = len(w.token_ids)
+        if not w.context_parallel or self.world_size < 2:
+            return None
         fresh = w.pos0 == 0 and w.prefix is None and w.uid not in plan.imports
-        if self.min_tokens <= 0 or self.world_size < 2 or n < self.world_size:
-            return None
-        if not ((fresh and n >= self.min_tokens) or w.uid in self.replicated):
-            return None
+        if n < self.world_size or not (fresh or w.uid in self.replicated):
+            raise ValueError(f"{w.uid}: a context-parallel chunk needs a new state or replicas on every rank, "
+                             f"and a token per rank ({n} tokens at {w.pos0}, {self.world_size} ranks)")  # fmt: skip
         self.replicated.add(w.uid)
         self.chunks += 1
         end = w.pos0 + n

@@ -59,6 +59,7 @@ class KVCacheManager:
         self.page_bytes = max(layout.bytes_per_token * page_size, 1.0)
         self.pages_per_seq = math.ceil(layout.bytes_per_seq / self.page_bytes)
         self._held: dict[str, int] = {}  # uid -> pages
+        self._copies: dict[str, int] = {}  # uid -> copies of its state held (context-parallel replicas), if not 1
         self._used = 0
 
     @classmethod
@@ -85,11 +86,22 @@ class KVCacheManager:
         return self.pages_for(num_tokens) <= self.num_pages
 
     def can_grow(self, uid: str, num_tokens: int) -> bool:
-        return self.pages_for(num_tokens) - self.held(uid) <= self.free_pages
+        return self.pages_for(num_tokens) * self._copies.get(uid, 1) - self.held(uid) <= self.free_pages
+
+    def set_copies(self, uid: str, copies: int) -> None:
+        """`uid`'s state is held `copies` times (every rank's replica during a context-parallel
+        prefill): its pages count that many times. Lowering it gives the extra pages back."""
+        old = self._copies.pop(uid, 1)
+        if copies != 1:
+            self._copies[uid] = copies
+        if uid in self._held:
+            held = self._held[uid] // old * copies
+            self._used += held - self._held[uid]
+            self._held[uid] = held
 
     def grow(self, uid: str, num_tokens: int) -> bool:
         """Make `uid` hold enough pages for `num_tokens`; False (nothing changed) if full."""
-        extra = self.pages_for(num_tokens) - self.held(uid)
+        extra = self.pages_for(num_tokens) * self._copies.get(uid, 1) - self.held(uid)
         if extra <= 0:
             return True
         if extra > self.free_pages:
@@ -100,6 +112,7 @@ class KVCacheManager:
 
     def free(self, uid: str) -> None:
         self._used -= self._held.pop(uid, 0)
+        self._copies.pop(uid, None)
 
     def holders(self) -> list[str]:
         return list(self._held)

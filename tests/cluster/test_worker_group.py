@@ -128,7 +128,7 @@ def _cp_requests() -> list[GenerateRequest]:
 
 def _cp_engine(checkpoint):
     return build_engine(checkpoint, dtype=torch.float32, progress=False, workers=2,
-                        engine_config=EngineConfig(max_batch_tokens=256), context_parallel_min_tokens=128)  # fmt: skip
+                        engine_config=EngineConfig(max_batch_tokens=256, context_parallel_min_tokens=128))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
