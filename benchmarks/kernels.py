@@ -32,7 +32,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 from kernels.compressor_pool import compressor_pool_ref, compressor_pool_triton  # noqa: E402
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref, fp4_grouped_gemm_triton  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm_ref, fp8_gemm_triton  # noqa: E402
-from kernels.indexer_topk import indexer_topk_ref, indexer_topk_triton  # noqa: E402
+from kernels.indexer_topk import (  # noqa: E402
+    indexer_topk_paged_ref,
+    indexer_topk_paged_triton,
+    indexer_topk_ref,
+    indexer_topk_triton,
+)
 from kernels.rmsnorm_rope import rmsnorm_rope_ref, rmsnorm_rope_triton  # noqa: E402
 from kernels.sinkhorn import sinkhorn_ref, sinkhorn_triton  # noqa: E402
 from kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton  # noqa: E402
@@ -98,6 +103,17 @@ def indexer_cases(dev: torch.device, s: dict[str, int]) -> list[Case]:
             indexer_topk_triton, indexer_topk_ref, n * c * 2 + t * nh * (c * 2 + 4) + t * k * 4,
             2 * t * nh * c * n, _same_picks,
         ))  # fmt: skip
+    b, epp = s["batch"], s["epp"]  # decode: every sequence its own n keys, on pages in shuffled pool order
+    q = torch.randn(b, nh, c, device=dev).bfloat16()
+    w = torch.randn(b, nh, device=dev)
+    pool = torch.randn(b * n, c, device=dev).bfloat16()
+    table = torch.randperm(b * n // epp, device=dev).view(b, n // epp)
+    counts = torch.full((b,), n, dtype=torch.int64, device=dev)
+    cases.append(Case(
+        "indexer paged", f"B={b} nI={nh} cI={c} N={n} k={k} epp={epp}", (q, w, pool, table, epp, counts, k),
+        indexer_topk_paged_triton, indexer_topk_paged_ref, b * (n * c * 2 + n // epp * 8 + nh * (c * 2 + 4) + k * 4),
+        2 * b * nh * c * n, _same_picks,
+    ))  # fmt: skip
     return cases
 
 
@@ -175,9 +191,9 @@ def pool_cases(dev: torch.device, s: dict[str, int]) -> list[Case]:
 
 
 FLASH = dict(batch=64, heads=64, head_dim=512, window=128, topk=512, entries=16384, index_heads=64, index_dim=128,
-             chunk=128, experts=256, dim=4096, inter=2048, q_lora=1024, o_in=8192)  # fmt: skip
+             epp=32, chunk=128, experts=256, dim=4096, inter=2048, q_lora=1024, o_in=8192)  # fmt: skip
 SMOKE = dict(batch=3, heads=16, head_dim=64, window=16, topk=16, entries=80, index_heads=8, index_dim=32,
-             chunk=4, experts=4, dim=128, inter=64, q_lora=128, o_in=256)  # fmt: skip
+             epp=8, chunk=4, experts=4, dim=128, inter=64, q_lora=128, o_in=256)  # fmt: skip
 GROUPS = {"attn": attention_cases, "indexer": indexer_cases, "fp4": fp4_cases, "fp8": fp8_cases, "small": small_cases,
           "pool": pool_cases}  # fmt: skip
 

@@ -20,13 +20,19 @@ from kernels._triton import HAS_TRITON
 from kernels.compressor_pool import compressor_pool_ref, compressor_pool_triton
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref, fp4_grouped_gemm_triton
 from kernels.fp8_gemm import fp8_gemm_ref, fp8_gemm_triton
-from kernels.indexer_topk import indexer_topk_ref, indexer_topk_triton
+from kernels.indexer_topk import (
+    indexer_topk_paged_ref,
+    indexer_topk_paged_triton,
+    indexer_topk_ref,
+    indexer_topk_triton,
+)
 from kernels.rmsnorm_rope import rmsnorm_rope_ref, rmsnorm_rope_triton
 from kernels.sinkhorn import sinkhorn_ref, sinkhorn_triton
 from kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
 
 __all__ = [
-    "HAS_TRITON", "compressor_pool", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "rmsnorm_rope", "sinkhorn",
+    "HAS_TRITON", "compressor_pool", "fp4_grouped_gemm", "fp8_gemm", "indexer_topk", "indexer_topk_paged",
+    "rmsnorm_rope", "sinkhorn",
     "sparse_attention", "use_triton",
 ]  # fmt: skip
 
@@ -63,6 +69,16 @@ def indexer_topk(
     """q [T, nI, cI], w [T, nI], keys [N, cI], visible_len [T] -> ids [T, k] int32; see kernels.indexer_topk."""
     fn = indexer_topk_triton if use_triton(q, keys) else indexer_topk_ref
     return fn(q, w, keys, visible_len, k, out=out)
+
+
+def indexer_topk_paged(
+    q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, page_table: torch.Tensor, epp: int, counts: torch.Tensor,
+    k: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """q [B, nI, cI], w [B, nI], pool [R, cI], page_table [B, P], counts [B] -> entry ids [B, k] int32: row b
+    scores its own keys pool[page_table[b, j // epp] * epp + j % epp], j < counts[b]; see kernels.indexer_topk."""
+    fn = indexer_topk_paged_triton if use_triton(q, pool) else indexer_topk_paged_ref
+    return fn(q, w, pool, page_table, epp, counts, k, out=out)
 
 
 def fp4_grouped_gemm(

@@ -420,9 +420,13 @@ class Attention(nn.Module):
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
-                b = len(positions)
-                picked = self.indexer.select(*idx_q, counts, lambda t0, t1: pool.indexer.read(
-                    view.page_table, torch.arange(t0, t1, device=dev).expand(b, -1)))  # fmt: skip
+                b, k = len(positions), min(self.indexer.topk, int(counts.max()))
+                if self._fused(q) and k:  # every row's keys, read through its page table by the fused kernel
+                    picked = kernels.indexer_topk_paged(idx_q[0], idx_q[1], pool.indexer.entries, view.page_table,
+                                                        pool.indexer.epp, counts, k).long()  # fmt: skip
+                else:
+                    picked = self.indexer.select(*idx_q, counts, lambda t0, t1: pool.indexer.read(
+                        view.page_table, torch.arange(t0, t1, device=dev).expand(b, -1)))  # fmt: skip
                 rows.append(pool.entry_rows(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
         rows, mask = torch.cat(rows, dim=1), torch.cat(masks, dim=1)

@@ -31,7 +31,7 @@ def test_smoke_checks_every_case() -> None:
     done = _run("--smoke")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
-    assert len(rows) == 17 and all(" ok " in line for line in rows), done.stdout
+    assert len(rows) == 18 and all(" ok " in line for line in rows), done.stdout
 
 
 def test_gpu_model_check_runs_on_cpu_with_the_references(tmp_path, monkeypatch) -> None:

@@ -34,6 +34,11 @@ def _launches() -> dict[str, Any]:
             torch.empty(4, 64, 128, **bf), torch.empty(4, 64, device=META), torch.empty(16384, 128, **bf),
             torch.empty(4, dtype=torch.int32, device=META), 512,
         ),
+        "indexer_topk_paged": lambda: kernels.indexer_topk_paged_triton(
+            torch.empty(64, 64, 128, **bf), torch.empty(64, 64, device=META), torch.empty(16384, 128, **bf),
+            torch.empty(64, 512, dtype=torch.int64, device=META), 32,
+            torch.empty(64, dtype=torch.int64, device=META), 512,
+        ),
         "fp4_grouped_gemm": lambda: kernels.fp4_grouped_gemm_triton(
             torch.empty(384, 4096, **bf), torch.empty(256, 2048, 2048, **u8), torch.empty(256, 2048, 128, **u8),
             torch.empty(257, dtype=torch.int64, device=META),

@@ -55,8 +55,9 @@ def test_kernel_path_with_references_matches_the_torch_path(model, monkeypatch):
 
 def test_triton_kernels_in_the_model_under_the_interpreter(model, monkeypatch):
     """The Triton kernels themselves, launched by the model (interpreted on CPU); short
-    sequences, as the interpreter is slow: 40 tokens give 10 CSA keys."""
+    sequences, as the interpreter is slow: 72 tokens give 18 CSA keys, so the indexer's
+    top-16 (prefill and the paged decode kernel) drops some."""
     monkeypatch.setenv("DSV4_KERNELS", "ref")
-    expect = _run(model, False, (40, 9), 30, 2)
+    expect = _run(model, False, (72, 9), 60, 2)
     monkeypatch.setenv("DSV4_KERNELS", "triton")
-    _assert_close(_run(model, None, (40, 9), 30, 2), expect)
+    _assert_close(_run(model, None, (72, 9), 60, 2), expect)
