@@ -52,6 +52,8 @@ def bytes_read(model: Transformer, n: int, elem: int) -> dict[str, float]:
             p_bytes = p.numel() * p.element_size() * cfg.num_experts_per_tok / cfg.n_routed_experts
         elif name.startswith("mtp."):
             continue
+        elif name == "embed.weight":  # a token reads its own row
+            p_bytes = p.shape[1] * p.element_size()
         else:
             p_bytes = p.numel() * p.element_size()
         active += p_bytes

@@ -55,16 +55,23 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the k largest scores per row [R, W] -> [R, k], largest first, ties to the
     earlier column: what a stable descending sort's first k columns are, without sorting W.
 
-    torch.topk finds the k-th value v; every score > v is in, and of those == v the earliest
-    ones fill the rest (a row has at most k - 1 scores above v, so exactly k are taken);
-    only those k are then sorted."""
+    torch.topk picks a set; it is the right one unless the row's (k+1)-th score equals its
+    k-th (then topk broke a tie in no particular order). Those rows
+    (rare with real scores; rows with fewer than k visible entries, all -inf past them)
+    take the exact path: every score above the k-th value, then the earliest of those
+    equal to it. The k picked columns are then ordered by score, ties by column."""
     if k == 0 or scores.shape[1] <= k:
         return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    kth = torch.topk(scores, k, dim=1).values[:, -1:]
-    above, equal = scores > kth, scores == kth
-    need = k - above.sum(dim=1, keepdim=True)
-    take = above | (equal & (equal.cumsum(dim=1) <= need))
-    cols = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k columns, in column order
+    vals, cols = torch.topk(scores, k + 1, dim=1)  # one more: a tie across the cut shows as vals[k] == vals[k-1]
+    kth, cols = vals[:, k - 1 : k], cols[:, :k]
+    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+    if tied.numel():
+        sub = scores[tied]
+        above, equal = sub > kth[tied], sub == kth[tied]
+        need = k - above.sum(dim=1, keepdim=True)
+        take = above | (equal & (equal.cumsum(dim=1) <= need))
+        cols[tied] = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k columns, in column order
+    cols = cols.sort(dim=1).values  # by column, so the stable sort below breaks ties by column
     order = torch.sort(scores.gather(1, cols), dim=-1, descending=True, stable=True).indices
     return cols.gather(1, order)
 
@@ -205,15 +212,15 @@ class Indexer(nn.Module):
 
     def select(
         self, q: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, read: Callable[[int, int], torch.Tensor],
-        tile: int = 1 << 14,
+        tile: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """q [R, nI, cI], w [R, nI]; row r sees its first counts[r] keys; `read(a, b)` gives keys
         a..b-1, shared by every row [b-a, cI] (one sequence's prefill chunk) or per row
         [R, b-a, cI] (a decode batch) -> picked entries [R, k] (-1 = none).
 
         score[r, j] = sum_h w[r, h] * relu(q[r, h] . keys[j]). Keys are read and scored
-        `tile` at a time with a running top-k, and rows in blocks, so memory is bounded by
-        the tile (~64 MiB of scores), never [R, N/4] (a 1M-token sequence has 262144
+        `tile` at a time (default 16384) with a running top-k, and rows in blocks, so memory
+        is bounded (~64 MiB of scores), never [R, N/4] (a 1M-token sequence has 262144
         keys). Ties keep the earlier entry (the running best come first in each stable
         selection), so any chunking or tiling picks the same set."""
         rows, dev = q.shape[0], q.device
@@ -222,6 +229,7 @@ class Indexer(nn.Module):
         best_s = torch.empty(rows, 0, device=dev)
         best_i = torch.empty(rows, 0, dtype=torch.int64, device=dev)
         qf = q.float()
+        tile = tile or 1 << 14  # a power of two: whole pages; longer tiles measured slower (topk on long rows)
         for t0 in range(0, n, tile):
             ids = torch.arange(t0, min(n, t0 + tile), device=dev)
             keys = read(t0, t0 + ids.shape[0]).float()
@@ -231,8 +239,11 @@ class Indexer(nn.Module):
                 b = slice(b0, b0 + block)
                 kb = keys if keys.dim() == 2 else keys[b]
                 s = torch.einsum("bhc,nc->bhn" if kb.dim() == 2 else "bhc,bnc->bhn", qf[b], kb).relu_()
-                s = torch.einsum("bhn,bh->bn", s, w[b]).masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))
-                s, i = torch.cat((best_s[b], s), dim=1), torch.cat((best_i[b], ids.expand(s.shape[0], -1)), dim=1)
+                s = torch.einsum("bhn,bh->bn", s, w[b])
+                if ids[-1] >= counts[b].min():  # some row does not see the whole tile
+                    s.masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))
+                top = top_k_stable(s, min(k, s.shape[1]))  # the tile's best, then merged with the running best
+                s, i = torch.cat((best_s[b], s.gather(1, top)), dim=1), torch.cat((best_i[b], ids[top]), dim=1)
                 order = top_k_stable(s, k)
                 parts.append((s.gather(1, order), i.gather(1, order)))
             best_s, best_i = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -347,7 +358,7 @@ class Attention(nn.Module):
             ids = torch.arange(n, device=positions.device)
             return pool.compressor.read(table, ids), ids[None, :] < ((positions + 1) // self.ratio)[:, None]
         counts, k = torch.clamp((positions + 1) // 4, max=n_keys), min(self.indexer.topk, n_keys)
-        read_keys = lambda a, b: pool.indexer.read(table, torch.arange(a, b, device=table.device))  # noqa: E731
+        read_keys = lambda a, b: pool.indexer.read_span(table, a, b)  # noqa: E731
         if fused and k:  # one sequence's keys, scored and selected by the fused kernel
             picked = kernels.indexer_topk(*c.idx_q, read_keys(0, n_keys), counts, k).long()
         else:
@@ -420,13 +431,13 @@ class Attention(nn.Module):
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
-                b, k = len(positions), min(self.indexer.topk, int(counts.max()))
+                k = min(self.indexer.topk, int(counts.max()))
                 if self._fused(q) and k:  # every row's keys, read through its page table by the fused kernel
                     picked = kernels.indexer_topk_paged(idx_q[0], idx_q[1], pool.indexer.entries, view.page_table,
                                                         pool.indexer.epp, counts, k).long()  # fmt: skip
                 else:
-                    picked = self.indexer.select(*idx_q, counts, lambda t0, t1: pool.indexer.read(
-                        view.page_table, torch.arange(t0, t1, device=dev).expand(b, -1)))  # fmt: skip
+                    picked = self.indexer.select(*idx_q, counts,
+                                                 lambda t0, t1: pool.indexer.read_span(view.page_table, t0, t1))
                 rows.append(pool.entry_rows(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
         rows, mask = torch.cat(rows, dim=1), torch.cat(masks, dim=1)

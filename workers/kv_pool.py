@@ -113,6 +113,20 @@ class CompressorPool:
     def read(self, page_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.entries[self.rows(page_table, ids)]
 
+    def read_span(self, page_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Entries start..end-1 (start a multiple of the entries per page) of page tables
+        [P] or [B, P] -> [end - start, c] or [B, end - start, c]: whole pages gathered at
+        once, not row by row (a decode indexer pass reads every key of every row)."""
+        assert start % self.epp == 0, f"a span starts on a page, got entry {start}"
+        pages = page_table[..., start // self.epp : -(-end // self.epp)]
+        if pages.numel() and pages.shape[:-1].numel() == 1:  # one sequence: its pages may be one run
+            first = int(pages.reshape(-1)[0])
+            if bool((pages.reshape(-1) == torch.arange(first, first + pages.shape[-1], device=pages.device)).all()):
+                run = self.entries[first * self.epp : first * self.epp + end - start]  # a view: nothing copied
+                return run.view(*pages.shape[:-1], end - start, self.width)
+        got = self.entries.view(-1, self.epp, self.width)[pages].flatten(-3, -2)
+        return got[..., : end - start, :]
+
 
 class LayerPool:
     """One attention layer's tensors: the window ring and its compressors' pools.
