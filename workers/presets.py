@@ -68,6 +68,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 6, "moe_intermediate_size": 64, "num_hash_layers": 3,
         "routed_scaling_factor": 2.5,
     },
+    # 1M-token requests on a CPU (benchmarks/long_context_bench.py): one layer of each kind
+    # and a single indexer head, since the indexer is quadratic (about N^2/8 query-entry
+    # pairs per CSA layer and head in prefill).
+    "long": {
+        "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2, "head_dim": 128,
+        "q_lora_rank": 64, "o_groups": 1, "o_lora_rank": 64, "compress_ratios": [0, 4, 128, 0],
+        "index_n_heads": 1, "index_head_dim": 128, "index_topk": 64, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_hash_layers": 1,
+        "routed_scaling_factor": 1.5,
+    },
 }  # fmt: skip
 
 
