@@ -22,32 +22,37 @@ from workers.kv_cache import KVCacheManager, KVLayout
 ray = pytest.importorskip("ray")
 
 
-def ray_engine(checkpoint, world_size: int) -> Engine:
+def ray_engine(checkpoint, world_size: int, cp_min_tokens: int = 0) -> Engine:
     from cluster.ray_backend import RayWorkerGroup
 
     group = RayWorkerGroup(checkpoint, world_size, dtype="float32", num_cpus=1,
                            resources=[{"node_a": 1}, {"node_b": 1}] * (world_size // 2), step_timeout=10)  # fmt: skip
     kv = KVCacheManager(KVLayout.for_model(group.model.cfg, 4), num_pages=4096)
-    return Engine(group, load_tokenizer(), kv, EngineConfig()).start()
+    config = EngineConfig(context_parallel_min_tokens=cp_min_tokens)
+    return Engine(group, load_tokenizer(), kv, config).start()
 
 
 def requests() -> list[GenerateRequest]:
     ps = prompts(3, length=24, seed=21)
-    return [GenerateRequest(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0.0 if i else 0.8, seed=3,
+    # top_k: over a random model's nearly flat distribution float noise moves a CDF step; over 20 it cannot
+    return [GenerateRequest(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0.0 if i else 0.8, seed=3, top_k=20,
                                                       ignore_eos=True)) for i, p in enumerate(ps)]  # fmt: skip
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_workers_on_two_nodes_match_one_process(ray_cluster, tiny_checkpoint, world_size):
+@pytest.mark.parametrize(("world_size", "cp_min_tokens"), [(2, 16), (4, 0)])
+def test_workers_on_two_nodes_match_one_process(ray_cluster, tiny_checkpoint, world_size, cp_min_tokens):
+    """W = 2 also prefills context-parallel (gloo between the actors): the 24- to 30-token
+    prompts are split over both nodes."""
     local = build_engine(tiny_checkpoint, dtype=torch.float32, progress=False)
     ref = run(local, requests())
     local.stop()
-    engine = ray_engine(tiny_checkpoint, world_size)
+    engine = ray_engine(tiny_checkpoint, world_size, cp_min_tokens)
     assert set(engine.worker.nodes()) == {"127.0.0.2", "127.0.0.3"}  # spread over both Ray nodes
     col = run(engine, requests())
     for r in requests():
         assert col.tokens(r.uid) == ref.tokens(r.uid), r.uid
-    assert engine.wait_idle() and engine.kv.used_pages == 0
+    assert engine.wait_idle() and engine.kv.used_pages == 0 and engine.worker.num_states() == 0
+    assert engine.worker.cp.chunks == (3 if cp_min_tokens else 0)
     engine.stop()  # the engine first: its loop must not step (and rebuild) a stopped group
     engine.worker.stop()
 

@@ -138,5 +138,7 @@ def test_top_k_stable_is_a_stable_sort_prefix():
         scores = torch.randint(0, 6, (8, width), generator=gen).float()  # many ties
         scores[0] = float("-inf")  # a row with nothing visible
         scores[1, width // 2 :] = float("-inf")
+        scores[2] = torch.randn(width, generator=gen)  # no ties: topk's own pick (the fast path)
+        scores[3, ::2] = torch.randn((width + 1) // 2, generator=gen)  # ties only below the k-th value
         want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(top_k_stable(scores, k), want), (width, k)
