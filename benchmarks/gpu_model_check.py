@@ -15,6 +15,10 @@ numbers:
      rounding before each GEMM makes the model discontinuous: most argmaxes agree).
   2. fp32, torch path on the GPU vs the CPU: the model itself is device-clean.
   3. bf16 kernel path vs fp32: share of positions with the same argmax.
+  4. (quantized checkpoints) fp32 kernel path with the FP8/FP4 weights resident
+     (`load_model(..., resident_quant=True)`) vs the default model's kernel path: bit-identical;
+     and the weight bytes each holds on the device after the run (the default model holds its
+     dequantized weights plus the copies the kernel path re-quantized).
 Then decode steps (batch B at a context of C tokens) with the kernel path vs the torch
 path on the same device: ms per step and the ratio.
 """
@@ -38,7 +42,7 @@ import torch  # noqa: E402
 from workers.checkpoint import QUANT_MODES, save_checkpoint  # noqa: E402
 from workers.model import Batch, Transformer  # noqa: E402
 from workers.presets import preset_config  # noqa: E402
-from workers.weights import load_model, random_weights  # noqa: E402
+from workers.weights import load_model, random_weights, resident_weight_bytes  # noqa: E402
 
 LENGTHS, SPLIT, DECODE = (300, 131), 200, 5  # crosses 4- and 128-token blocks; top-k drops most keys
 
@@ -105,13 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DSV4_KERNELS"] = "ref"
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                                   "torch": torch.__version__, "preset": args.preset, "quant": args.quant}  # fmt: skip
+    weight_bytes: dict[str, int] = {}
     for quant in dict.fromkeys(("none", args.quant)):
         ckpt = Path(tempfile.mkdtemp(prefix="dsv4-gpu-check-"))
         cfg = preset_config(args.preset)
         save_checkpoint(ckpt, cfg.to_dict(), random_weights(cfg, seed=0), quant=quant, progress=False)
         ref = scenario(load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False), False)
         on_dev = load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False).to(dev)
-        results[f"{quant}: fp32 kernels vs cpu"] = compare(scenario(on_dev, True), ref)
+        fast = scenario(on_dev, True)
+        results[f"{quant}: fp32 kernels vs cpu"] = compare(fast, ref)
+        if quant != "none":
+            packed = load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False,
+                                resident_quant=True).to(dev)  # fmt: skip
+            results[f"{quant}: fp32 resident kernels vs kernels"] = compare(scenario(packed, True), fast)
+            weight_bytes = {"default": resident_weight_bytes(on_dev), "resident": resident_weight_bytes(packed)}
+            del packed
         results[f"{quant}: fp32 torch path on device vs cpu"] = compare(scenario(on_dev, False), ref)
         bf16 = load_model(ckpt, dtype=torch.bfloat16, simulate_quant=True, progress=False).to(dev)
         results[f"{quant}: bf16 kernels vs fp32 cpu"] = compare(scenario(bf16, True), ref)
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(r, dict):
             print(f"{name:44s} max |diff| {r['max_abs_diff']:.2e}  same argmax {r['same_argmax']:.3f}  "
                   f"finite {r['finite']}")  # fmt: skip
+    if weight_bytes:
+        print(f"weight bytes on the device, {args.quant}: default {weight_bytes['default'] / 2**20:.1f} MiB, "
+              f"resident {weight_bytes['resident'] / 2**20:.1f} MiB")  # fmt: skip
+        results["weight_bytes"] = weight_bytes
     timing = {}
     for model, label in ((on_dev, "fp32"), (bf16, "bf16")):
         fast = decode_ms(model, True, args.batch, args.context, args.steps)
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     strict, quantized = results["none: fp32 kernels vs cpu"], results[f"{args.quant}: fp32 kernels vs cpu"]
     ok = strict["same_argmax"] == 1.0 and strict["max_abs_diff"] < 1e-3 and strict["finite"]
     ok = ok and quantized["same_argmax"] >= 0.95 and quantized["finite"]
+    if weight_bytes:  # resident FP8/FP4 weights: the same kernels on the same packed tensors
+        resident = results[f"{args.quant}: fp32 resident kernels vs kernels"]
+        ok = ok and resident["max_abs_diff"] == 0.0 and weight_bytes["resident"] < weight_bytes["default"]
     return 0 if ok else 1
 
 

@@ -270,6 +270,9 @@ class Engine:
         if not plan.work and not plan.finished:
             time.sleep(0.001)  # nothing fits right now (pages); wait for frees
             return
+        exports = frozenset(w.uid for w in plan.work if w.sample and self._hands_off(w.uid))
+        if exports:  # their last prompt chunk: the worker ships their state layer by layer as it computes
+            plan = replace(plan, exports=exports)
         t0 = time.perf_counter()
         try:
             result = self.worker.execute(plan)
@@ -292,7 +295,14 @@ class Engine:
             listener(time.perf_counter() - t0, n_tokens)
         self._postprocess(plan, result)
 
+    def _hands_off(self, uid: str) -> bool:
+        live = self._live.get(uid)
+        return live is not None and live.handoff is not None and not live.req.output
+
     def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
+        for uid, why in result.failed.items():  # its handed-off state did not arrive: the failure policy applies
+            log.error("%s: %s", uid, why)
+            self._finish(uid, "error", error=f"KV handoff failed: {why}", unavailable=True)
         for uid, token in result.tokens.items():
             live = self._live.get(uid)
             if live is None:

@@ -117,10 +117,12 @@ class StepPlan:
     num_generated: dict[str, int] = field(default_factory=dict)  # uid -> tokens sampled so far (RNG counter)
     snapshots: dict[str, str] = field(default_factory=dict)  # uid -> prefix key: keep its state after this step
     evict: tuple[str, ...] = ()  # prefix keys to forget (before this step runs)
-    imports: dict[str, Any] = field(default_factory=dict)  # uid -> workers.kv_pool.SeqExport (KV handoff in)
+    imports: dict[str, Any] = field(default_factory=dict)  # uid -> handed-off state's ticket (workers/handoff.py)
+    exports: frozenset[str] = frozenset()  # uids whose state is handed off after this step: ship it layer by layer
 
 
 @dataclass(frozen=True)
 class StepResult:
     tokens: dict[str, int]  # uid -> sampled token (only for work with sample=True)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # uid -> logprob info when asked
+    failed: dict[str, str] = field(default_factory=dict)  # uid -> why its handed-off state could not be imported

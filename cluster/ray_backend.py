@@ -6,7 +6,9 @@ layer over torch.distributed (gloo on CPU, nccl on GPU) inside the actors.
 per step (`execute`), never per layer. The process group meets through a TCPStore that
 the driver hosts. A dead actor fails the step with `WorkerLostError`; the group then
 rebuilds itself (new actors, weights reloaded) before the next step. A KV handoff's
-export is bounded by the engine's `handoff_timeout_s`: a dead or slow exporting actor
+state goes through the object store (workers/handoff.py: the prefill actor puts each
+layer as its last prompt chunk passes it; the driver passes only the refs on; the decode
+actor pulls them). Its export is bounded by the engine's `handoff_timeout_s`: a dead or slow exporting actor
 fails that handoff alone (the engine's failure policy applies; the rank keeps the state
 until the engine's release reaches it), and a dead actor is rebuilt at the next step.
 """
@@ -47,6 +49,7 @@ class RankWorker:
         from router.placement import ExpertPlacement
         from workers.cp import apply_context_parallel
         from workers.ep import apply_expert_parallel
+        from workers.handoff import ObjectStoreCarrier
         from workers.weights import load_model
         from workers.worker import ModelWorker
 
@@ -64,6 +67,7 @@ class RankWorker:
         apply_expert_parallel(model, placement, DistCommunicator(backend))
         apply_context_parallel(model, DistCommunicator(backend))
         self.worker = ModelWorker(model, lockstep=True, page_size=page_size)
+        self.worker.carrier = ObjectStoreCarrier()  # handed-off states leave through the object store
         self.rank = rank
         self.export_delay = 0.0  # fault injection (tests): seconds each export waits first
 

@@ -207,17 +207,19 @@ def split_plan(
             num_generated={u: n for u, n in plan.num_generated.items() if u in mine},
             snapshots={u: k for u, k in plan.snapshots.items() if owner.get(u) == rank},
             imports={u: x for u, x in plan.imports.items() if u in mine},
+            exports=frozenset(u for u in plan.exports if owner.get(u) == rank),
             evict=tuple(k for k, r in evict.items() if r == rank),
         ))  # fmt: skip
     return per_rank
 
 
 def merge_results(results: list[StepResult]) -> StepResult:
-    tokens, logprobs = {}, {}
+    tokens, logprobs, failed = {}, {}, {}
     for r in results:
         tokens.update(r.tokens)
         logprobs.update(r.logprobs)
-    return StepResult(tokens=tokens, logprobs=logprobs)
+        failed.update(r.failed)
+    return StepResult(tokens=tokens, logprobs=logprobs, failed=failed)
 
 
 def _fresh_group(group: LocalWorkerGroup) -> LocalGroup:

@@ -56,6 +56,9 @@ class Snapshot:
     slot_state: list[list[torch.Tensor]]
 
 
+LayerState = tuple[list[torch.Tensor], list[torch.Tensor]]  # one layer's slot tensors and entries
+
+
 @dataclass
 class SeqExport:
     """A sequence's whole state, out of any pool (KV handoff between instances): per layer
@@ -68,6 +71,10 @@ class SeqExport:
     def nbytes(self) -> int:
         tensors = [t for layer in (*self.slot_state, *self.entries) for t in layer]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fetch(self, timeout: float | None = None) -> SeqExport:
+        """The state itself (it is here already; a remote one, `workers.handoff.StateRefs`, is fetched)."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -282,12 +289,20 @@ class KVPool:
     @torch.inference_mode()
     def export(self, st: SeqState) -> SeqExport:
         """Copy `st`'s state out (the sequence stays; release it separately)."""
+        layers = [self.export_layer(st, i) for i in range(len(self.layers))]
+        return SeqExport(st.num_tokens, [s for s, _ in layers], [e for _, e in layers])
+
+    @torch.inference_mode()
+    def export_layer(self, st: SeqState, i: int, num_tokens: int | None = None) -> LayerState:
+        """Copy layer `i`'s part of `st`'s state out: its slot tensors and its first
+        num_tokens // ratio entries per compressor (`num_tokens`: the sequence's tokens once
+        the running step ends, when a layer is exported as soon as the step has passed it)."""
+        n = st.num_tokens if num_tokens is None else num_tokens
+        layer = self.layers[i]
         table = torch.tensor(st.pages or [0], dtype=torch.int64, device=self.device)
-        slot_state = [[t[st.slot].clone() for t in layer.slot_tensors()] for layer in self.layers]
-        entries = [[comp.read(table, torch.arange(st.num_tokens // comp.ratio, device=self.device))
-                    for comp in _comps(layer)]
-                   for layer in self.layers]  # fmt: skip
-        return SeqExport(st.num_tokens, slot_state, entries)
+        slots = [t[st.slot].clone() for t in layer.slot_tensors()]
+        entries = [comp.read(table, torch.arange(n // comp.ratio, device=self.device)) for comp in _comps(layer)]
+        return slots, entries
 
     @torch.inference_mode()
     def import_(self, exp: SeqExport) -> SeqState:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import RopeScaling
-from workers.quant import act_qdq, quant_fp8_weight
+from workers.quant import act_qdq, dequant_fp8_weight, quant_fp8_weight
 
 
 def default_cpu_dtype() -> torch.dtype:
@@ -37,25 +37,53 @@ class Linear(nn.Module):
     e4m3 per token and 128 channels first; on the kernel path (GPU) `kernels.fp8_gemm`
     runs it on the e4m3 weight (re-quantized from the loaded one, exactly: its block
     scales are powers of two).
+
+    `pack_fp8()` makes that e4m3 weight resident instead: buffers `weight_fp8` [out, in]
+    e4m3 and `weight_scale` [ceil(out/128), ceil(in/128)] ue8m0 replace `weight`, which
+    is gone; the torch path then dequantizes per call (same values, so same results).
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.act_quant = False
+        self.is_packed = False
+        self.compute_dtype = dtype
         self._fp8: tuple[torch.Tensor, torch.Tensor] | None = None  # (e4m3 weight, ue8m0 scales) for the kernel
+
+    def pack_fp8(self) -> None:
+        """Keep only the e4m3 weight and its block scales (for an `act_quant` layer)."""
+        assert self.act_quant and not self.is_packed, "only an unpacked FP8 layer (act_quant) packs"
+        w = self.weight
+        q, scale = quant_fp8_weight(w.detach())
+        del self.weight
+        self.compute_dtype, self.is_packed, self._fp8 = w.dtype, True, None
+        self.register_buffer("weight_fp8", q)
+        self.register_buffer("weight_scale", scale)
+
+    def kernel_copy_bytes(self) -> int:
+        """Bytes of the e4m3 copy the kernel path re-quantized lazily (0 when packed: nothing is copied)."""
+        return sum(t.numel() * t.element_size() for t in self._fp8 or ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act_quant:
             return F.linear(x.to(self.weight.dtype), self.weight)
         import kernels  # here: kernels/ imports this module for its references
 
+        dtype = self.compute_dtype if self.is_packed else self.weight.dtype
         if kernels.use_triton(x):
-            if self._fp8 is None or self._fp8[0].device != self.weight.device:
-                self._fp8 = quant_fp8_weight(self.weight)
-            flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
-            return kernels.fp8_gemm(flat, *self._fp8).view(*x.shape[:-1], -1)
-        return F.linear(act_qdq(x.to(self.weight.dtype)), self.weight)
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            return kernels.fp8_gemm(flat, *self._fp8_weight()).view(*x.shape[:-1], -1)
+        w = dequant_fp8_weight(self.weight_fp8, self.weight_scale).to(dtype) if self.is_packed else self.weight
+        return F.linear(act_qdq(x.to(dtype)), w)
+
+    def _fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e4m3 weight, ue8m0 scales): the resident pair, or one re-quantized once per device."""
+        if self.is_packed:
+            return self.weight_fp8, self.weight_scale
+        if self._fp8 is None or self._fp8[0].device != self.weight.device:
+            self._fp8 = quant_fp8_weight(self.weight)
+        return self._fp8
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ Legend: T tokens in the flat batch, n = hc_mult, d = hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(
             MTPBlock(cfg, n_main + k, dtype, expert_ids) for k in range(cfg.num_nextn_predict_layers)
         )
+        self.after_layer: Callable[[int], None] | None = None  # called after each layer (KV handoff export)
         self.configure_kv()
 
     # -- state ------------------------------------------------------------------------
@@ -175,12 +177,14 @@ class Transformer(nn.Module):
         """Run the chunks; returns the final residual streams [T, n, d] and advances states."""
         batch = batch.to(self.embed.weight.device)
         x = self.embed(batch.input_ids).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
-        view = self.kv.view(states, [_grows_by(sq, st) for sq, st in zip(batch.seqs, states, strict=True)])
+        view = self.kv.view(states, [grows_by(sq, st) for sq, st in zip(batch.seqs, states, strict=True)])
         rope: dict = {}
-        for blk, pool in zip(self.layers, self.kv.layers, strict=True):
+        for i, (blk, pool) in enumerate(zip(self.layers, self.kv.layers, strict=True)):
             x = blk(x, batch, pool, view, rope, self.simulate_quant)
+            if self.after_layer is not None:
+                self.after_layer(i)
         for sq, st in zip(batch.seqs, states, strict=True):
-            st.num_tokens += _grows_by(sq, st)
+            st.num_tokens += grows_by(sq, st)
         return x
 
     @torch.inference_mode()
@@ -207,7 +211,7 @@ class Transformer(nn.Module):
         return F.linear(blk.norm(u).float(), self.head.weight)
 
 
-def _grows_by(sq: SeqSlice, st: SeqState) -> int:
+def grows_by(sq: SeqSlice, st: SeqState) -> int:
     """Tokens a step adds to a state: its rows, or a whole context-parallel chunk (every
     rank's replica takes the state of the chunk; see workers/cp.py)."""
     return sq.end - sq.start if sq.chunk is None else sq.chunk[1] - st.num_tokens

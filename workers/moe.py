@@ -15,7 +15,9 @@ from torch import nn
 import kernels
 from workers.config import ModelConfig
 from workers.layers import Linear
-from workers.quant import act_qdq, quant_fp4_weight
+from workers.quant import act_qdq, dequant_fp4_weight, quant_fp4_weight
+
+_PROJECTIONS = ("w1", "w2", "w3")
 
 
 class Gate(nn.Module):
@@ -86,6 +88,10 @@ class ExpertGroup(nn.Module):
     token and 128 channels; on the kernel path (GPU) FP4 experts run
     `kernels.fp4_grouped_gemm` on packed e2m1 weights (re-quantized from the loaded ones,
     exactly: their per-32 scales are powers of two).
+
+    `pack_fp4()` makes those packed weights resident instead: buffers `w{1,2,3}_fp4`
+    [E_local, N, K/2] uint8 and `w{1,2,3}_scale` [E_local, N, K/32] ue8m0 replace the
+    parameters; the torch path then dequantizes the experts a call uses (same values).
     """
 
     def __init__(self, dim: int, inter: int, expert_ids: list[int], limit: float, dtype: torch.dtype) -> None:
@@ -98,40 +104,69 @@ class ExpertGroup(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, inter, dim, dtype=dtype), requires_grad=False)
         self.act_quant = False
         self.weight_format: str | None = None  # 'fp4' / 'fp8' when the checkpoint stored them so
+        self.is_packed = False
+        self.compute_dtype = dtype
         self._fp4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # w1/w2/w3 -> (packed [E, N, K/2], scales)
+
+    def pack_fp4(self) -> None:
+        """Keep only the packed e2m1 weights and their scales (for experts stored in FP4)."""
+        assert self.weight_format == "fp4" and not self.is_packed, "only unpacked FP4 experts pack"
+        self.compute_dtype = self.w1.dtype
+        for name in _PROJECTIONS:
+            w = getattr(self, name)
+            packed, scale = quant_fp4_weight(w.detach().flatten(0, 1))
+            delattr(self, name)
+            self.register_buffer(f"{name}_fp4", packed.view(*w.shape[:2], -1))
+            self.register_buffer(f"{name}_scale", scale.view(*w.shape[:2], -1))
+        self.is_packed, self._fp4 = True, {}
+
+    def kernel_copy_bytes(self) -> int:
+        """Bytes of the e2m1 copies the kernel path re-quantized lazily (0 when packed: nothing is copied)."""
+        return sum(t.numel() * t.element_size() for pair in self._fp4.values() for t in pair)
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Rows x [P, d] with local expert ids [P] and gate weights [P] -> weighted outputs [P, d] fp32.
 
         Rows are sorted by expert and run as one grouped GEMM per projection.
         """
+        dtype = self.compute_dtype if self.is_packed else self.w1.dtype
         order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=self.w1.shape[0])
-        xs = x[order].to(self.w1.dtype)
+        counts = torch.bincount(local_ids, minlength=len(self.expert_ids))
+        xs = x[order].to(dtype)
         xs = act_qdq(xs) if self.act_quant else xs
         gemm = self._gemm(counts, xs)
         h = swiglu(gemm("w1", xs), gemm("w3", xs), self.limit)
-        h = (h * weights[order, None]).to(self.w2.dtype)
+        h = (h * weights[order, None]).to(dtype)
         h = act_qdq(h) if self.act_quant else h
         y = gemm("w2", h).float()
         out = torch.empty_like(y)
         out[order] = y
         return out
 
-
     def _gemm(self, counts: torch.Tensor, x: torch.Tensor):
         """(projection name, rows sorted by expert) -> rows times that projection of their expert."""
         if self.weight_format == "fp4" and kernels.use_triton(x):
             offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
             return lambda name, rows: kernels.fp4_grouped_gemm(rows, *self._packed(name), offsets)
+        if self.is_packed:  # only the experts with rows, dequantized for this call
+            used = counts.nonzero().flatten()
+            return lambda name, rows: grouped_linear(rows, self._dequantized(name, used), counts[used])
         return lambda name, rows: grouped_linear(rows, getattr(self, name), counts)
 
     def _packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_packed:
+            return getattr(self, f"{name}_fp4"), getattr(self, f"{name}_scale")
         w = getattr(self, name)
         if name not in self._fp4 or self._fp4[name][0].device != w.device:
             packed, scale = quant_fp4_weight(w.flatten(0, 1))
             self._fp4[name] = (packed.view(*w.shape[:2], -1), scale.view(*w.shape[:2], -1))
         return self._fp4[name]
+
+    def _dequantized(self, name: str, local_ids: torch.Tensor) -> torch.Tensor:
+        """The resident experts `local_ids` [U] of projection `name` -> [U, N, K] in the compute dtype."""
+        packed, scale = (t[local_ids] for t in self._packed(name))
+        w = dequant_fp4_weight(packed.flatten(0, 1), scale.flatten(0, 1))
+        return w.view(*packed.shape[:2], -1).to(self.compute_dtype)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,24 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from workers.checkpoint import CheckpointError, CheckpointReader
 from workers.config import ModelConfig
 from workers.layers import Linear
 from workers.model import Transformer
+from workers.moe import ExpertGroup
 
 log = logging.getLogger("dsv4.weights")
 
 _STACKED = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
+_BLOCK = re.compile(r"^((?:layers|mtp)\.\d+)\.")
 _FP32_KINDS = ("hc_", "attn_sink", ".ape", ".gate.bias")
+# Linears whose weight a module reads directly (Attention._project_out's grouped einsum), not
+# through Linear.forward: they stay dequantized (SPEC §8 keeps wo_a in bf16).
+_READ_AS_WEIGHT = re.compile(r"(?:^|\.)attn\.wo_a$")
+_Expected = tuple[tuple[int, ...], torch.dtype]
 
 
 def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -46,28 +53,75 @@ def expected_tensors(model: Transformer) -> dict[str, tuple[tuple[int, ...], tor
     return {name: (tuple(t.shape), t.dtype) for name, t in model_tensors(model).items()}
 
 
-def load_weights(model: Transformer, path: str | Path, *, progress: bool = True) -> int:
+def load_weights(model: Transformer, path: str | Path, *, progress: bool = True, pack: bool = False) -> int:
     """Fill `model` from a checkpoint directory (only the experts the model holds are read);
-    returns the bytes read from the files (also logged, and kept as `model.checkpoint_bytes_read`)."""
+    returns the bytes read from the files (also logged, and kept as `model.checkpoint_bytes_read`).
+
+    With `pack`, layers are read one at a time and each one's FP8/FP4 weights packed
+    (`pack_quantized_weights`) before the next: the dequantized tensors are written (and
+    freed) a layer at a time, so pages of weights never touched cost no host memory."""
     reader = CheckpointReader(path)
     targets = model_tensors(model)
+    held = set(targets)
+    expected = expected_tensors(model)
 
     def skip(name: str) -> bool:
-        return _PER_EXPERT.match(name) is not None and name not in targets
+        return _PER_EXPERT.match(name) is not None and name not in held
 
-    loaded = reader.load(expected_tensors(model), skip=skip, progress=progress)
     cfg = model.cfg
-    with torch.no_grad():
-        for name, value in loaded.items():
-            if name.endswith("tid2eid"):
-                _check_tid2eid(value, cfg, reader.file_of(name), name)
-            targets[name].copy_(value)
+    for part in _by_layer(expected) if pack else [expected]:
+        loaded = reader.load(part, skip=skip, progress=progress)
+        with torch.no_grad():
+            for name in list(loaded):
+                value = loaded.pop(name)
+                if name.endswith("tid2eid"):
+                    _check_tid2eid(value, cfg, reader.file_of(name), name)
+                targets.pop(name).copy_(value)  # popped: a packed weight's storage must not outlive it here
+        _mark_quantized(model, reader.formats)
+        if pack:
+            pack_quantized_weights(model)
     model.checkpoint_bytes_read = reader.bytes_read
-    _mark_quantized(model, reader.formats)
-    held = model.layers[0].ffn.experts.expert_ids if model.layers else []
-    log.info("read %.1f MiB from %s (%d of %d routed experts)", reader.bytes_read / 2**20, path, len(held),
+    held_experts = model.layers[0].ffn.experts.expert_ids if model.layers else []
+    log.info("read %.1f MiB from %s (%d of %d routed experts)", reader.bytes_read / 2**20, path, len(held_experts),
              cfg.n_routed_experts)  # fmt: skip
     return reader.bytes_read
+
+
+def _by_layer(expected: dict[str, _Expected]) -> list[dict[str, _Expected]]:
+    """Split checkpoint names by block (`layers.{i}.` / `mtp.{k}.`), the rest first."""
+    parts: dict[str, dict[str, _Expected]] = {"": {}}
+    for name, spec in expected.items():
+        m = _BLOCK.match(name)
+        parts.setdefault(m[1] if m else "", {})[name] = spec
+    return list(parts.values())
+
+
+def pack_quantized_weights(model: nn.Module) -> int:
+    """Keep only the packed form of the weights the kernels read (issue #7; SPEC §8): e4m3 +
+    ue8m0 128x128 scales for each FP8 `Linear` with `act_quant`, packed e2m1 + ue8m0 per-32
+    scales for each FP4 `ExpertGroup` (its `expert_ids` only); their dequantized copies are
+    freed. The packing is the kernel path's re-quantization (exact: power-of-two scales), so
+    the kernel path computes what it did, and the torch path dequantizes per call to the
+    values it had. `attn.wo_a` stays dequantized: attention reads its weight directly.
+    Returns the number of modules packed (already packed ones are skipped)."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.act_quant and not module.is_packed:
+            if not _READ_AS_WEIGHT.search(name):
+                module.pack_fp8()
+                count += 1
+        elif isinstance(module, ExpertGroup) and module.weight_format == "fp4" and not module.is_packed:
+            module.pack_fp4()
+            count += 1
+    return count
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy as held: parameters and persistent buffers (packed
+    weights and scales, `tid2eid`), plus the copies the kernel path re-quantizes lazily on an
+    unpacked model; not the KV pools."""
+    held = sum(t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values())
+    return held + sum(m.kernel_copy_bytes() for m in model.modules() if isinstance(m, (Linear, ExpertGroup)))
 
 
 def _mark_quantized(model: Transformer, formats: dict[str, str]) -> None:
@@ -95,13 +149,15 @@ def _check_tid2eid(value: torch.Tensor, cfg: ModelConfig, file: str, name: str) 
 
 def load_model(
     path: str | Path, *, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True, progress: bool = True,
-    expert_ids: list[int] | None = None,
+    expert_ids: list[int] | None = None, resident_quant: bool = False,
 ) -> Transformer:  # fmt: skip
     """Build the model a checkpoint's config.json describes and load its weights
-    (with `expert_ids`, only those routed experts are read from disk)."""
+    (with `expert_ids`, only those routed experts are read from disk). With `resident_quant`,
+    the weights the kernels read stay FP8/FP4 (`pack_quantized_weights`): the footprint a GPU
+    needs; the CPU's torch path then dequantizes them per call (slower, same results)."""
     cfg = ModelConfig.from_json(Path(path) / "config.json")
     model = Transformer(cfg, dtype=dtype, simulate_quant=simulate_quant, expert_ids=expert_ids)
-    load_weights(model, path, progress=progress)
+    load_weights(model, path, progress=progress, pack=resident_quant)
     return model.eval()
 
 

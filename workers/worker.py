@@ -14,8 +14,9 @@ import torch
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
+from workers.handoff import Carrier, HandoffFetchError, layer_bytes, layout_of, signature
 from workers.kv_pool import KVPool, SeqExport, SeqState, Snapshot
-from workers.model import Batch, Transformer
+from workers.model import Batch, Transformer, grows_by
 from workers.sampler import SamplingBatch, sample
 
 
@@ -34,9 +35,14 @@ class ModelWorker:
         self.params: dict[str, SamplingParams] = {}  # uid -> sampling params
         self.seeds: dict[str, int] = {}  # uid -> RNG seed
         self.prefixes: dict[str, Snapshot] = {}  # prefix key -> state kept for reuse
+        self.carrier = Carrier()  # how handed-off states leave (Ray actors: the object store)
+        self.outbox: dict[str, list] = {}  # uid -> layers shipped during its last step, for its handoff
+        self.fetch_timeout = 30.0  # seconds a handed-off state may take to arrive
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """Drop finished state, run every chunk of the plan in one flat batch, sample."""
+        """Drop finished state, run every chunk of the plan in one flat batch, sample.
+        A handed-off state that cannot be fetched or imported fails its request alone
+        (`StepResult.failed`); the rest of the plan runs."""
         for uid in plan.finished:
             self.release(uid)
         for key in plan.evict:
@@ -46,18 +52,18 @@ class ModelWorker:
         for uid, params in plan.sampling.items():
             self.params[uid] = params
             self.seeds[uid] = params.seed if params.seed is not None else _fresh_seed()
-        if not plan.work:
-            if self.lockstep:
-                self.model(Batch.build([], []), [])
-            return StepResult(tokens={})
-        states = []
+        failed: dict[str, str] = {}
+        work, states = [], []
         for w in plan.work:
             st = self.states.get(w.uid)
             if st is None and w.uid in plan.imports:
-                problem = self.check_import(plan.imports[w.uid])
-                if problem is not None:  # before the pool allocates anything for it
-                    raise ValueError(f"{w.uid}: the handed-off state cannot be imported: {problem}")
-                st = self.states[w.uid] = self.model.kv.import_(plan.imports[w.uid])
+                try:
+                    st = self._import(plan.imports[w.uid])
+                except Exception as e:  # noqa: BLE001 - this request fails alone, nothing was allocated
+                    failed[w.uid] = f"the handed-off state cannot be imported: {e}"
+                    self.release(w.uid)
+                    continue
+                self.states[w.uid] = st
             elif st is None and w.prefix is not None:
                 if w.prefix not in self.prefixes:
                     raise KeyError(f"{w.uid}: cached prefix {w.prefix} is not on this worker")
@@ -66,19 +72,62 @@ class ModelWorker:
                 st = self.states[w.uid] = self.model.new_state()
             at = w.pos0 if w.chunk is None else w.chunk[0]
             assert st.num_tokens == at, f"{w.uid}: state at {st.num_tokens}, plan at {at}"
+            work.append(w)
             states.append(st)
-        chunks = [torch.tensor(w.token_ids, dtype=torch.int64) for w in plan.work]
-        batch = Batch.build(chunks, states, [None if w.chunk is None else (w.pos0, w.chunk) for w in plan.work])
-        streams = self.model(batch, states)
+        if not work:
+            if self.lockstep:
+                self.model(Batch.build([], []), [])
+            return StepResult(tokens={}, failed=failed)
+        chunks = [torch.tensor(w.token_ids, dtype=torch.int64) for w in work]
+        batch = Batch.build(chunks, states, [None if w.chunk is None else (w.pos0, w.chunk) for w in work])
+        exporting = [(w.uid, st, st.num_tokens + grows_by(sq, st))
+                     for w, st, sq in zip(work, states, batch.seqs, strict=True) if w.uid in plan.exports]  # fmt: skip
+        streams = self._forward(batch, states, exporting)
         for uid, key in plan.snapshots.items():
             self.prefixes[key] = self.model.kv.snapshot(self.states[uid])
-        rows = [i for i, w in enumerate(plan.work) if w.sample]
+        rows = [i for i, w in enumerate(work) if w.sample]
         if not rows:
-            return StepResult(tokens={})
+            return StepResult(tokens={}, failed=failed)
         last = torch.tensor([batch.seqs[i].end - 1 for i in rows])
         logits = self.model.logits(streams[last])
-        uids = [plan.work[i].uid for i in rows]
-        return self._sample(uids, logits, plan.num_generated)
+        uids = [work[i].uid for i in rows]
+        result = self._sample(uids, logits, plan.num_generated)
+        return StepResult(tokens=result.tokens, logprobs=result.logprobs, failed=failed)
+
+    def _forward(self, batch: Batch, states: list[SeqState], exporting: list[tuple[str, SeqState, int]]):
+        """The model's forward; each state in `exporting` (uid, state, its tokens after this
+        step) is handed to the carrier layer by layer, as soon as the forward has passed
+        the layer (the step is its request's last before the handoff)."""
+        if not exporting:
+            return self.model(batch, states)
+        for uid, _, _ in exporting:
+            self.outbox[uid] = []
+
+        def after_layer(i: int) -> None:
+            for uid, st, n in exporting:
+                piece = self.model.kv.export_layer(st, i, n)
+                self.outbox[uid].append((self.carrier.ship(piece), signature(piece[0]), signature(piece[1]),
+                                         layer_bytes(piece)))  # fmt: skip
+
+        self.model.after_layer = after_layer
+        try:
+            return self.model(batch, states)
+        finally:
+            self.model.after_layer = None
+
+    def _import(self, ticket: Any) -> SeqState:
+        """A handed-off state, fetched through its carrier and checked, in this worker's pool."""
+        problem = self.check_import(ticket)
+        if problem is not None:  # before the pool allocates anything for it
+            raise ValueError(problem)
+        try:
+            state = self.carrier.fetch(ticket, self.fetch_timeout)
+        except HandoffFetchError as e:
+            raise ValueError(str(e)) from e
+        problem = self.check_import(state)
+        if problem is not None:  # a ticket whose layers do not match its own layout
+            raise ValueError(problem)
+        return self.model.kv.import_(state)
 
     def _sample(self, uids: list[str], logits: torch.Tensor, counters: dict[str, int]) -> StepResult:
         rows = []
@@ -98,12 +147,23 @@ class ModelWorker:
                     logprobs[uid] = TokenLogprob(out_tokens[uid], float(chosen[i]), alts)
         return StepResult(tokens=out_tokens, logprobs=logprobs)
 
-    def export(self, uid: str, timeout: float | None = None) -> SeqExport:
-        """Hand a request's state over (KV handoff out): copy it out and drop it here.
-        `timeout` bounds remote exports (Ray); a copy in this process needs none."""
-        exp = self.model.kv.export(self.states[uid])
+    def export(self, uid: str, timeout: float | None = None) -> Any:
+        """Hand a request's state over (KV handoff out) and drop it here: the carrier's
+        ticket (`workers/handoff.py`), from the layers shipped during its last step when
+        that step was marked to export it, else shipped now. `timeout` bounds remote
+        exports (Ray); one in this process needs none."""
+        st = self.states[uid]
+        shipped = self.outbox.pop(uid, None)
+        if shipped is None or len(shipped) != len(self.model.kv.layers):
+            shipped = []
+            for i in range(len(self.model.kv.layers)):
+                piece = self.model.kv.export_layer(st, i)
+                shipped.append((self.carrier.ship(piece), signature(piece[0]), signature(piece[1]),
+                                layer_bytes(piece)))  # fmt: skip
+        ticket = self.carrier.ticket(st.num_tokens, [s[0] for s in shipped], [(s[1], s[2]) for s in shipped],
+                                     sum(s[3] for s in shipped))  # fmt: skip
         self.release(uid)
-        return exp
+        return ticket
 
     def state_spec(self) -> StateSpec:
         """What a handed-off state must look like to be imported here."""
@@ -114,6 +174,7 @@ class ModelWorker:
         return self.state_spec().problem(state)
 
     def release(self, uid: str) -> None:
+        self.outbox.pop(uid, None)
         st = self.states.pop(uid, None)
         if st is not None:
             st.free()
@@ -147,29 +208,24 @@ class StateSpec:
         return cls(slots, entries)
 
     def problem(self, state: Any) -> str | None:
-        """Why `state` does not fit this spec (None: it fits)."""
-        if not isinstance(state, SeqExport):
+        """Why the ticket `state` does not fit this spec (None: it fits)."""
+        n = getattr(state, "num_tokens", None)
+        layout = layout_of(state)
+        if layout is None:
             return f"expected an exported state, got {type(state).__name__}"
-        n = state.num_tokens
         if not isinstance(n, int) or n < 0:
             return f"num_tokens must be an integer >= 0, got {n!r}"
-        layers = [len(x) if isinstance(x, list | tuple) else None for x in (state.slot_state, state.entries)]
-        if layers != [len(self.slots), len(self.entries)]:
-            return f"layers of slot state and of entries: {layers}, expected {len(self.slots)}"
-        for i, (saved, rows) in enumerate(zip(state.slot_state, state.entries, strict=True)):
+        if isinstance(state, SeqExport) and len(state.slot_state) != len(state.entries):
+            return f"layers of slot state and of entries: {[len(state.slot_state), len(state.entries)]}, " \
+                   f"expected {len(self.slots)}"
+        if len(layout) != len(self.slots):
+            return f"{len(layout)} layers of state, expected {len(self.slots)} layers"
+        for i, (got_slots, got_rows) in enumerate(layout):
             want_slots = list(self.slots[i])
             want_rows = [((n // ratio, width), dtype) for ratio, width, dtype in self.entries[i]]
-            got_slots, got_rows = _signature(saved), _signature(rows)
-            if got_slots != want_slots or got_rows != want_rows:
+            if list(got_slots) != want_slots or list(got_rows) != want_rows:
                 return f"layer {i}: tensors {got_slots} + {got_rows}, expected {want_slots} + {want_rows}"
         return None
-
-
-def _signature(tensors: Any) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
-    """(shape, dtype) of each tensor of a list; None for what is not a tensor."""
-    if not isinstance(tensors, list | tuple):
-        return [None]
-    return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in tensors]
 
 
 def _fresh_seed() -> int:

@@ -1,0 +1,283 @@
+"""How a prefilled request's state leaves its worker and reaches a decode worker (KV
+handoff, DESIGN §2), behind one interface: a `Carrier`.
+
+A prefill-only request's last prompt chunk is marked in its step's plan
+(`StepPlan.exports`); its worker hands each layer's part of the state (`LayerState`: the
+slot rings and the layer's entries) to the carrier as soon as the forward has passed
+that layer, so the copy out of the pool (and, for a carrier that sends, the transfer)
+runs while the later layers compute. What the engine then passes from the prefill
+instance to the decode instance is the carrier's ticket, and the decode worker fetches
+the layers from it just before it imports them into its pool:
+
+- `Carrier` (the reference, in one process): the ticket is the state itself (`SeqExport`).
+- `ObjectStoreCarrier` (Ray actors): each layer is put in the Ray object store by the
+  prefill actor; the ticket (`StateRefs`) holds the object refs and the state's layout,
+  a few hundred bytes, so the driver never holds the state, and the decode actor pulls
+  the layers from the store itself. The prefill actor owns the objects: if it dies before
+  the decode actor fetched them, the fetch fails (`HandoffFetchError`) and the request
+  alone fails there (the engine's handoff failure policy applies).
+- `CollectiveCarrier` (GPU workers): the layers stay on the prefill worker's device (a
+  copy out of its pool) and the decode worker pulls them with torch.distributed send/recv
+  over a two-rank group between the two workers (nccl for CUDA tensors, gloo for CPU
+  ones), opened on first use and kept per pair. The ticket (`PulledState`) names the
+  holder (`Endpoint`: a Ray actor handle, or a thread in this process) and a key. (Ray's
+  own direct transport was weighed: in Ray 2.60 it cannot pass refs nested in a plan,
+  `ray.put` does not take gloo/nccl, and an actor joins one collective group per backend.)
+
+Every ticket has `num_tokens`, `layout()` (per layer, the (shape, dtype) of each tensor:
+checked before the decode side allocates anything), `nbytes()` and `fetch(timeout)`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+
+from workers.kv_pool import LayerState, SeqExport
+
+Signature = list[tuple[tuple[int, ...], torch.dtype] | None]
+Layout = list[tuple[Signature, Signature]]  # per layer: (slot tensors, entries)
+
+
+class HandoffFetchError(RuntimeError):
+    """A handed-off state could not be fetched (its prefill worker died, or it took too long)."""
+
+
+def signature(tensors: Any) -> Signature:
+    """(shape, dtype) of each tensor of a list; None for what is not a tensor."""
+    if not isinstance(tensors, list | tuple):
+        return [None]
+    return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in tensors]
+
+
+def layer_bytes(piece: LayerState) -> int:
+    return sum(t.numel() * t.element_size() for part in piece for t in part)
+
+
+def layout_of(state: Any) -> Layout | None:
+    """A ticket's layout, or None when `state` is not a ticket with well-formed layers."""
+    if isinstance(state, StateRefs | PulledState):
+        return state.layout
+    if not isinstance(state, SeqExport):
+        return None
+    if not isinstance(state.slot_state, list | tuple) or not isinstance(state.entries, list | tuple):
+        return None
+    n = max(len(state.slot_state), len(state.entries))  # a layer missing from one list shows as [None]
+    slots, entries = [*state.slot_state, *[None] * n][:n], [*state.entries, *[None] * n][:n]
+    return [(signature(s), signature(e)) for s, e in zip(slots, entries, strict=True)]
+
+
+class Carrier:
+    """The reference carrier, for workers in one process: layers stay as they are and the
+    ticket is the `SeqExport` itself."""
+
+    name = "local"
+
+    def ship(self, piece: LayerState) -> Any:
+        """Called as soon as a layer's part of an exported state is final."""
+        return piece
+
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> Any:
+        """What the engine passes on, once every layer was shipped."""
+        return SeqExport(num_tokens, [s for s, _ in shipped], [e for _, e in shipped])
+
+    def fetch(self, ticket: Any, timeout: float) -> SeqExport:
+        """The decode side: the state a ticket stands for, here (`HandoffFetchError` if it cannot come)."""
+        return ticket.fetch(timeout)
+
+
+class ObjectStoreCarrier(Carrier):
+    """Each layer goes to the Ray object store from the worker that computed it."""
+
+    name = "object_store"
+
+    def ship(self, piece: LayerState) -> Any:
+        import ray
+
+        return ray.put(piece)
+
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> StateRefs:
+        return StateRefs(num_tokens, layout, shipped, nbytes)
+
+
+@dataclass
+class StateRefs:
+    """A handed-off state left in the Ray object store: one object per layer."""
+
+    num_tokens: int
+    layout: Layout
+    refs: list[Any]  # ray.ObjectRef per layer, owned by the prefill actor that put them
+    bytes: int
+
+    def nbytes(self) -> int:
+        return self.bytes
+
+    def fetch(self, timeout: float | None = None) -> SeqExport:
+        """Pull every layer (in parallel) from the object store."""
+        import ray
+
+        try:
+            layers = ray.get(list(self.refs), timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise HandoffFetchError(f"fetching the state took more than {timeout:g}s") from e
+        except ray.exceptions.RayError as e:  # the owner (the prefill actor) died: the objects are gone
+            raise HandoffFetchError(f"the state's objects are lost ({type(e).__name__})") from e
+        return SeqExport(self.num_tokens, [s for s, _ in layers], [e for _, e in layers])
+
+
+class Endpoint(Protocol):
+    """How a decode worker reaches the worker holding a `PulledState`: `call(name, *args)`
+    runs `CollectiveCarrier.<name>(*args)` there, beside its steps (not after them), and
+    returns a function that waits `timeout` seconds for the result."""
+
+    id: str
+
+    def call(self, name: str, *args: Any) -> Callable[[float], Any]: ...
+
+
+class LocalEndpoint:
+    """A carrier in this process, served on a thread of its own."""
+
+    def __init__(self, carrier: CollectiveCarrier) -> None:
+        self.carrier, self.id = carrier, f"local-{uuid.uuid4().hex}"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-handoff")
+
+    def call(self, name: str, *args: Any) -> Callable[[float], Any]:
+        future = self._pool.submit(getattr(self.carrier, name), *args)
+        return lambda timeout: future.result(timeout)
+
+
+@dataclass
+class PulledState:
+    """A handed-off state still held by its prefill worker, to be pulled from it."""
+
+    num_tokens: int
+    layout: Layout
+    bytes: int
+    source: Endpoint
+    key: str
+
+    def nbytes(self) -> int:
+        return self.bytes
+
+    def fetch(self, timeout: float | None = None) -> SeqExport:
+        raise HandoffFetchError("a state held by its prefill worker is pulled by a collective carrier; "
+                                "this worker has none (both pools need handoff transport `collective`)")  # fmt: skip
+
+
+class CollectiveCarrier(Carrier):
+    """Layers wait on the prefill worker until the decode worker pulls them over a
+    two-rank process group (the prefill side is rank 0). A state not pulled within
+    `hold_s` (its decode side failed) is dropped at the next ticket."""
+
+    name = "collective"
+
+    def __init__(self, device: torch.device, host: str = "127.0.0.1", timeout_s: float = 30.0,
+                 hold_s: float = 300.0) -> None:  # fmt: skip
+        self.device, self.host, self.timeout_s, self.hold_s = torch.device(device), host, timeout_s, hold_s
+        self.endpoint: Endpoint | None = None  # how decode workers reach this one (set by its owner)
+        self.held: dict[str, tuple[list[LayerState], float]] = {}  # key -> (layers, deadline)
+        self.groups: dict[str, Any] = {}  # channel name -> two-rank group (either side)
+        self.peers: dict[str, str] = {}  # holder's endpoint id -> channel name (pulling side)
+        self._stores: dict[str, Any] = {}  # channel name -> rendezvous store hosted here (pulling side)
+        self._lock = threading.Lock()
+
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> PulledState:
+        if self.endpoint is None:
+            raise RuntimeError("a collective carrier needs an endpoint before it hands a state off")
+        key, now = uuid.uuid4().hex, time.monotonic()
+        with self._lock:
+            for old in [k for k, (_, deadline) in self.held.items() if deadline < now]:
+                del self.held[old]
+            self.held[key] = (shipped, now + self.hold_s)
+        return PulledState(num_tokens, layout, nbytes, self.endpoint, key)
+
+    # -- the holding side (called through its endpoint) -----------------------------------
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return key in self.held
+
+    def open_channel(self, name: str, addr: tuple[str, int]) -> None:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(addr[0], addr[1], is_master=False, timeout=timedelta(seconds=self.timeout_s))
+        self.groups[name] = _pair_group(store, name, 0, self.device, self.timeout_s)
+
+    def send(self, key: str, name: str) -> None:
+        with self._lock:
+            layers, _ = self.held.pop(key)
+        group = self.groups[name]
+        for slots, entries in layers:
+            for t in (*slots, *entries):
+                group.send([t.contiguous()], 1, 0).wait()
+
+    # -- the pulling side ------------------------------------------------------------------
+    def fetch(self, ticket: Any, timeout: float) -> SeqExport:
+        if not isinstance(ticket, PulledState):
+            return ticket.fetch(timeout)
+        source = ticket.source
+        try:
+            if not source.call("has", ticket.key)(timeout):
+                raise HandoffFetchError("its prefill worker no longer holds the state (released or expired)")
+            name = self._channel(source, timeout)
+            sent = source.call("send", ticket.key, name)
+            group, layers = self.groups[name], []
+            for slot_sig, entry_sig in ticket.layout:
+                parts = []
+                for sig in (slot_sig, entry_sig):
+                    bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in sig]
+                    for buf in bufs:
+                        group.recv([buf], 0, 0).wait()
+                    parts.append(bufs)
+                layers.append((parts[0], parts[1]))
+            sent(timeout)
+        except HandoffFetchError:
+            raise
+        except Exception as e:  # the holder died or hung: this channel is unusable, the state is lost
+            self._close(source.id)
+            why = f"{type(e).__name__}: {e}"
+            raise HandoffFetchError(f"pulling the state from its prefill worker failed ({why})") from e
+        return SeqExport(ticket.num_tokens, [s for s, _ in layers], [e for _, e in layers])
+
+    def _channel(self, source: Endpoint, timeout: float) -> str:
+        """The channel to `source`, opened (both ends meet through a store hosted here) if new."""
+        import torch.distributed as dist
+
+        if source.id in self.peers:
+            return self.peers[source.id]
+        name = f"kv-handoff-{uuid.uuid4().hex}"
+        store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=self.timeout_s))  # fmt: skip
+        opened = source.call("open_channel", name, (self.host, store.port))
+        self._stores[name] = store
+        self.groups[name] = _pair_group(store, name, 1, self.device, self.timeout_s)
+        opened(timeout)
+        self.peers[source.id] = name
+        return name
+
+    def _close(self, source_id: str) -> None:
+        name = self.peers.pop(source_id, None)
+        if name is not None:
+            self.groups.pop(name, None)
+            self._stores.pop(name, None)
+
+
+def _pair_group(store: Any, name: str, rank: int, device: torch.device, timeout_s: float) -> Any:
+    """A two-rank process group of its own (not the default group): nccl on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    prefixed = dist.PrefixStore(f"{name}/", store)
+    timeout = timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
