@@ -162,6 +162,8 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
             resources=dict(pool.resources),
             placement=pool.placement,
             context_parallel_min_tokens=pool.context_parallel_min_tokens,
+            device=spec.device,
+            handoff_transport=manifest.handoff_transport,
         ) for _ in range(pool.instances)]  # fmt: skip
     names = {p.role: p.name for p in manifest.pools}
     if "prefill" in by_role:

@@ -13,7 +13,7 @@ from cluster.worker_group import LocalWorkerGroup
 from encoding.tokenizer import load_tokenizer
 from workers.kv_cache import KVCacheManager, KVLayout
 from workers.layers import default_cpu_dtype
-from workers.weights import load_model
+from workers.weights import load_model, serving_device
 from workers.worker import ModelWorker
 
 log = logging.getLogger("dsv4.inprocess")
@@ -37,6 +37,8 @@ def build_engine(
     resources: dict[str, float] | None = None,
     placement: str = "spread",
     context_parallel_min_tokens: int = 0,
+    device: str = "auto",
+    handoff_transport: str = "object_store",
 ) -> Engine:
     """Load a checkpoint and return a started engine serving it. `workers` > 1 splits the
     experts over that many expert-parallel workers: threads in this process (`inprocess`,
@@ -44,19 +46,24 @@ def build_engine(
     bundle asking for `num_cpus`, `num_gpus` and the custom `resources`. `kv_cache_bytes`
     is per worker (the instance's KV budget is that times `workers`). With several
     workers, new prompts of at least `context_parallel_min_tokens` (0: off) are prefilled
-    split over them (context-parallel prefill)."""
+    split over them (context-parallel prefill). `device`: where each worker runs its model
+    (`auto`: its GPU if it sees one, with the FP8/FP4 weights resident, else the CPU).
+    `handoff_transport` (Ray workers): how a handed-off state travels (workers/handoff.py:
+    `object_store` or `collective`); in one process it is passed by reference."""
     engine_config = engine_config or EngineConfig()
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else default_cpu_dtype())
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() and device != "cpu" else default_cpu_dtype())
     t0 = time.perf_counter()
     if backend == "ray":
         bundle = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}}
         worker = _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, ray_address, placement,
-                            page_size, bundle)  # fmt: skip
+                            page_size, bundle, device, handoff_transport)  # fmt: skip
     elif workers > 1:
         worker = LocalWorkerGroup(checkpoint, workers, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
-                                  page_size=page_size)  # fmt: skip
+                                  page_size=page_size, device=device)  # fmt: skip
     else:
-        model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress)
+        dev = serving_device(device)
+        model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
+                           resident_quant=dev.type == "cuda", device=dev)  # fmt: skip
         worker = ModelWorker(model, page_size=page_size)
     model = worker.model
     tokenizer = load_tokenizer(str(checkpoint))
@@ -73,7 +80,8 @@ def build_engine(
     return Engine(worker, tokenizer, kv, config, eos_id=model.cfg.eos_token_id).start()
 
 
-def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle):
+def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address, placement, page_size, bundle,
+               device, transport):  # fmt: skip
     import ray
 
     from cluster.ray_backend import RayWorkerGroup
@@ -84,4 +92,5 @@ def _ray_group(checkpoint, workers, dtype, simulate_quant, communicator, address
         checkpoint, workers, dtype=str(dtype).removeprefix("torch."), simulate_quant=simulate_quant,
         num_cpus=bundle["num_cpus"], num_gpus=bundle["num_gpus"], resources=[bundle["resources"]] * workers,
         strategy="SPREAD" if placement == "spread" else "PACK", backend=communicator, page_size=page_size,
+        device=device, transport=transport,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """Manifest v0: what to serve and how, one YAML file loaded into frozen dataclasses.
 
     version: 0
-    model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant
+    model:     {checkpoint: PATH} or {preset: NAME, seed: INT}, dtype, simulate_quant, device
     backend:   inprocess | ray
     instance:  workers (expert-parallel workers per instance), communicator, num_cpus, num_gpus,
                resources (custom Ray resources per worker), placement, context_parallel_min_tokens
@@ -12,7 +12,7 @@
     ray:       address
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure,
-               handoff_timeout_s
+               handoff_timeout_s, handoff_transport
     gateway:   host, port, metrics_port
 
 Every key is optional (see the defaults below). Unknown keys and bad values are
@@ -37,6 +37,8 @@ BACKENDS = ("inprocess", "ray")
 COMMUNICATORS = ("local", "gloo", "nccl")
 PLACEMENTS = ("pack", "spread")
 DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+TRANSPORTS = ("auto", "object_store", "collective")
 ROLES = ("colocated", "prefill", "decode")
 MANIFEST_VERSIONS = (0,)
 
@@ -181,6 +183,7 @@ class ModelSpec:
     seed: int | None = field(default=None, metadata=_int(0, optional=True))  # of the preset's weights (default 0)
     dtype: str = field(default="auto", metadata=_choice(DTYPES))  # compute dtype; auto: bf16 if the CPU has it
     simulate_quant: bool = field(default=True, metadata=_bool())  # the official FP8/FP4 KV rounding
+    device: str = field(default="auto", metadata=_choice(DEVICES))  # auto: each worker's GPU if it sees one
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.preset is not None:
@@ -206,6 +209,9 @@ class SchedulerSpec:
     prefix_cache: bool = field(default=True, metadata=_bool())  # reuse states of shared prompt prefixes
     handoff_failure: str = field(default="recompute", metadata=_choice(("recompute", "fail")))  # state lost
     handoff_timeout_s: float = field(default=30.0, metadata=_positive_float())  # KV export from a Ray worker, at most
+    # how a handed-off state travels between Ray workers: the object store, or pulled over a group of two
+    # (nccl between GPUs, gloo on CPU); auto: collective where both pools use nccl
+    handoff_transport: str = field(default="auto", metadata=_choice(TRANSPORTS))
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes is not None and self.kv_cache_gib is not None:
@@ -293,6 +299,14 @@ class Manifest:
     @property
     def communicator(self) -> str:
         return self.communicator_of(self.pools[0])
+
+    @property
+    def handoff_transport(self) -> str:
+        """The KV handoff's transport, `auto` resolved: collective where every pool uses nccl."""
+        chosen = self.scheduler.handoff_transport
+        if chosen != "auto":
+            return chosen
+        return "collective" if all(self.communicator_of(p) == "nccl" for p in self.pools) else "object_store"
 
 
 def parse_section(cls: type, raw: Any, path: str = "") -> Any:

@@ -41,7 +41,8 @@ class RankWorker:
     """One rank of an instance (a plain class; `RayWorkerGroup` wraps it with ray.remote)."""
 
     def __init__(self, checkpoint: str, rank: int, world_size: int, store_addr: tuple[str, int],
-                 dtype: str, simulate_quant: bool, backend: str = "gloo", page_size: int = 128) -> None:  # fmt: skip
+                 dtype: str, simulate_quant: bool, backend: str = "gloo", page_size: int = 128, device: str = "auto",
+                 transport: str = "object_store") -> None:  # fmt: skip
         import torch
         import torch.distributed as dist
 
@@ -49,8 +50,8 @@ class RankWorker:
         from router.placement import ExpertPlacement
         from workers.cp import apply_context_parallel
         from workers.ep import apply_expert_parallel
-        from workers.handoff import ObjectStoreCarrier
-        from workers.weights import load_model
+        from workers.handoff import CollectiveCarrier, ObjectStoreCarrier
+        from workers.weights import load_model, serving_device
         from workers.worker import ModelWorker
 
         if store_addr[0].startswith("127."):  # a cluster on one machine (loopback node addresses)
@@ -62,12 +63,22 @@ class RankWorker:
         cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
         placement = ExpertPlacement(cfg.n_routed_experts, world_size)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        dev = serving_device(device)  # this actor's GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU
         model = load_model(checkpoint, dtype=torch_dtype, simulate_quant=simulate_quant, progress=False,
-                           expert_ids=placement.local_experts(rank))  # fmt: skip
+                           expert_ids=placement.local_experts(rank), resident_quant=dev.type == "cuda",
+                           device=dev)  # fmt: skip
         apply_expert_parallel(model, placement, DistCommunicator(backend))
         apply_context_parallel(model, DistCommunicator(backend))
         self.worker = ModelWorker(model, lockstep=True, page_size=page_size)
-        self.worker.carrier = ObjectStoreCarrier()  # handed-off states leave through the object store
+        if transport == "collective":  # decode actors pull handed-off states over a group of two (nccl / gloo)
+            import ray
+
+            self.worker.carrier = CollectiveCarrier(dev, host=ray.util.get_node_ip_address())
+            self.worker.carrier.endpoint = RayEndpoint(ray.get_runtime_context().current_actor)
+        elif transport == "object_store":
+            self.worker.carrier = ObjectStoreCarrier()
+        else:
+            raise ValueError(f"handoff transport must be object_store or collective, got {transport!r}")
         self.rank = rank
         self.export_delay = 0.0  # fault injection (tests): seconds each export waits first
 
@@ -99,10 +110,36 @@ class RankWorker:
     def state_spec(self):
         return self.worker.state_spec()
 
+    # -- the collective handoff's holding side: run in the "handoff" concurrency group, beside steps
+    def handoff_has(self, key: str) -> bool:
+        return self.worker.carrier.has(key)
+
+    def handoff_open_channel(self, name: str, addr: tuple[str, int]) -> None:
+        self.worker.carrier.open_channel(name, addr)
+
+    def handoff_send(self, key: str, name: str) -> None:
+        self.worker.carrier.send(key, name)
+
     def node(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
+
+
+_HANDOFF_METHODS = ("handoff_has", "handoff_open_channel", "handoff_send")
+
+
+class RayEndpoint:
+    """A `workers.handoff.Endpoint` for a RankWorker actor: calls its `handoff_*` methods."""
+
+    def __init__(self, actor) -> None:
+        self.actor, self.id = actor, actor._actor_id.hex()
+
+    def call(self, name: str, *args):
+        import ray
+
+        ref = getattr(self.actor, f"handoff_{name}").remote(*args)
+        return lambda timeout: ray.get(ref, timeout=timeout)
 
 
 class _ModelView:
@@ -120,12 +157,13 @@ class RayWorkerGroup:
         num_cpus: float = 1.0, num_gpus: float = 0.0, resources: list[dict[str, float]] | None = None,
         strategy: str = "SPREAD",
         step_timeout: float = 60.0, start_timeout: float = 180.0, backend: str = "gloo", page_size: int = 128,
+        device: str = "auto", transport: str = "object_store",
     ) -> None:  # fmt: skip
         self.checkpoint, self.world_size = str(checkpoint), world_size
         self.dtype, self.simulate_quant = dtype, simulate_quant
         self.num_cpus, self.num_gpus, self.resources, self.strategy = num_cpus, num_gpus, resources, strategy
         self.step_timeout, self.start_timeout, self.backend = step_timeout, start_timeout, backend
-        self.page_size = page_size
+        self.page_size, self.device, self.transport = page_size, device, transport
         self.model = _ModelView(ModelConfig.from_json(Path(checkpoint) / "config.json"))
         self.owner: dict[str, int] = {}
         self.stopped = False
@@ -154,13 +192,15 @@ class RayWorkerGroup:
         self.store_host = ray.util.get_node_ip_address()  # reachable from every node of the cluster
         self.store = dist.TCPStore(self.store_host, port, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=60))  # fmt: skip
-        actor_cls = ray.remote(RankWorker)  # the one place ray.remote is applied
+        for name in _HANDOFF_METHODS:  # served on a thread of their own, while a step runs
+            ray.method(concurrency_group="handoff")(getattr(RankWorker, name))
+        actor_cls = ray.remote(concurrency_groups={"handoff": 1})(RankWorker)  # the one place ray.remote is applied
         self.actors = [
             actor_cls.options(
                 num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(self.checkpoint, r, self.world_size, (self.store_host, port), self.dtype, self.simulate_quant,
-                     self.backend, self.page_size)
+                     self.backend, self.page_size, self.device, self.transport)
             for r in range(self.world_size)
         ]  # fmt: skip
         ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout)

@@ -21,23 +21,25 @@ from router.stats import LayerStats, merge
 from workers.config import ModelConfig
 from workers.cp import apply_context_parallel, split_chunk
 from workers.ep import apply_expert_parallel
-from workers.weights import load_model
+from workers.weights import load_model, serving_device
 from workers.worker import ModelWorker
 
 
 class LocalWorkerGroup:
     def __init__(
         self, checkpoint: str | Path, world_size: int, *, dtype: torch.dtype, simulate_quant: bool = True,
-        progress: bool = False, step_timeout: float = 600.0, page_size: int = 128,
+        progress: bool = False, step_timeout: float = 600.0, page_size: int = 128, device: str = "auto",
     ) -> None:  # fmt: skip
         self.group = LocalGroup(world_size, timeout=step_timeout)
         self.world_size = world_size
         self.workers: list[ModelWorker] = []
         cfg = ModelConfig.from_json(Path(checkpoint) / "config.json")
         placement = ExpertPlacement(cfg.n_routed_experts, world_size)
+        dev = serving_device(device)
         for rank in range(world_size):
             model = load_model(checkpoint, dtype=dtype, simulate_quant=simulate_quant, progress=progress,
-                               expert_ids=placement.local_experts(rank))  # fmt: skip
+                               expert_ids=placement.local_experts(rank), resident_quant=dev.type == "cuda",
+                               device=dev)  # fmt: skip
             apply_expert_parallel(model, placement, self.group.communicator(rank))
             apply_context_parallel(model, self.group.communicator(rank))
             self.workers.append(ModelWorker(model, lockstep=True, page_size=page_size))

@@ -293,7 +293,8 @@ class Attention(nn.Module):
             idx_q = self.indexer.queries(x, qr, cos, sin, simulate_quant)
             idx_comp = self.indexer.compressor.project(x)
         if seqs and all(sq.end - sq.start == 1 and sq.chunk is None for sq in seqs):
-            out = self._decode(q, kv, positions, comp, idx_q, idx_comp, pool, view, inv_freq, simulate_quant)
+            last = max(sq.pos0 for sq in seqs)  # known here: no device sync for the entry counts
+            out = self._decode(q, kv, positions, last, comp, idx_q, idx_comp, pool, view, inv_freq, simulate_quant)
             return self._project_out(apply_rope(out, cos, sin, inverse=True))
         out, fused = torch.empty_like(q), self._fused(q)
         for i, sq in enumerate(seqs):
@@ -408,9 +409,11 @@ class Attention(nn.Module):
         return out.to(q.dtype)
 
     def _decode(
-        self, q, kv, positions, comp, idx_q, idx_comp, pool: LayerPool, view: StepView, inv_freq, simulate_quant
-    ) -> torch.Tensor:
-        """Decode step, one token per sequence, as one batch: q [B, H, D], kv [B, D] -> [B, H, D].
+        self, q, kv, positions, last: int, comp, idx_q, idx_comp, pool: LayerPool, view: StepView, inv_freq,
+        simulate_quant,
+    ) -> torch.Tensor:  # fmt: skip
+        """Decode step, one token per sequence, as one batch: q [B, H, D], kv [B, D] -> [B, H, D];
+        `last` is the batch's largest position (max(positions), from the host).
 
         Each row attends to its window ring (the new row written first) and its compressed
         entries, gathered through the page tables: all of them on HCA layers, the indexer's
@@ -424,14 +427,14 @@ class Attention(nn.Module):
         masks = [(age < self.window) & (age <= positions[:, None])]
         if comp is not None:
             self.compressor.update_rows(pool.compressor, view, *comp, positions, inv_freq, simulate_quant)
-            counts = (positions + 1) // self.ratio
+            counts, most = (positions + 1) // self.ratio, (last + 1) // self.ratio
             if self.indexer is None:
-                ids = torch.arange(int(counts.max()), device=dev).expand(len(positions), -1)
+                ids = torch.arange(most, device=dev).expand(len(positions), -1)
                 rows.append(pool.entry_rows(view.page_table, ids))
                 masks.append(ids < counts[:, None])
             else:
                 self.indexer.compressor.update_rows(pool.indexer, view, *idx_comp, positions, inv_freq, simulate_quant)
-                k = min(self.indexer.topk, int(counts.max()))
+                k = min(self.indexer.topk, most)
                 if self._fused(q) and k:  # every row's keys, read through its page table by the fused kernel
                     picked = kernels.indexer_topk_paged(idx_q[0], idx_q[1], pool.indexer.entries, view.page_table,
                                                         pool.indexer.epp, counts, k).long()  # fmt: skip

@@ -52,7 +52,7 @@ class ContextParallel:
         rows = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
         counts = self._gather(rows).view(w, -1)
         flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.empty(0)
-        data = self._gather(flat.cpu())
+        data = self._gather(flat)  # on the communicator's device (nccl: the GPU's)
         out, at = [], 0
         for rank in range(w):
             mine = []

@@ -42,15 +42,17 @@ class SamplingBatch:
     num_logprobs: int  # max top-n alternatives asked by any row
 
     @classmethod
-    def build(cls, rows: list[tuple[float, float, int, float, int, int, int]]) -> SamplingBatch:
-        """rows: (temperature, top_p, top_k, min_p, seed, counter, logprobs) per row."""
+    def build(cls, rows: list[tuple[float, float, int, float, int, int, int]],
+              device: torch.device | None = None) -> SamplingBatch:  # fmt: skip
+        """rows: (temperature, top_p, top_k, min_p, seed, counter, logprobs) per row; on the logits' `device`."""
         t, p, k, m, seed, counter, lp = zip(*rows, strict=True)
+        draws = [uniform(s, c) for s, c in zip(seed, counter, strict=True)]
         return cls(
-            temperature=torch.tensor(t, dtype=torch.float32),
-            top_p=torch.tensor(p, dtype=torch.float32),
-            top_k=torch.tensor(k, dtype=torch.int64),
-            min_p=torch.tensor(m, dtype=torch.float32),
-            uniforms=torch.tensor([uniform(s, c) for s, c in zip(seed, counter, strict=True)], dtype=torch.float64),
+            temperature=torch.tensor(t, dtype=torch.float32, device=device),
+            top_p=torch.tensor(p, dtype=torch.float32, device=device),
+            top_k=torch.tensor(k, dtype=torch.int64, device=device),
+            min_p=torch.tensor(m, dtype=torch.float32, device=device),
+            uniforms=torch.tensor(draws, dtype=torch.float64, device=device),
             num_logprobs=max(lp),
         )
 

@@ -149,7 +149,7 @@ def _check_tid2eid(value: torch.Tensor, cfg: ModelConfig, file: str, name: str) 
 
 def load_model(
     path: str | Path, *, dtype: torch.dtype = torch.bfloat16, simulate_quant: bool = True, progress: bool = True,
-    expert_ids: list[int] | None = None, resident_quant: bool = False,
+    expert_ids: list[int] | None = None, resident_quant: bool = False, device: torch.device | str | None = None,
 ) -> Transformer:  # fmt: skip
     """Build the model a checkpoint's config.json describes and load its weights
     (with `expert_ids`, only those routed experts are read from disk). With `resident_quant`,
@@ -158,7 +158,20 @@ def load_model(
     cfg = ModelConfig.from_json(Path(path) / "config.json")
     model = Transformer(cfg, dtype=dtype, simulate_quant=simulate_quant, expert_ids=expert_ids)
     load_weights(model, path, progress=progress, pack=resident_quant)
+    if device is not None and torch.device(device) != model.embed.weight.device:
+        model.to(device)
+        model.configure_kv()  # the KV pool follows the weights
     return model.eval()
+
+
+def serving_device(name: str = "auto") -> torch.device:
+    """Where a worker runs its model: `auto` is the GPU this process sees (a Ray worker's
+    own), else the CPU; `cuda` without one is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but this process sees no GPU")
+    return torch.device(name)
 
 
 def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -88,7 +88,7 @@ class ModelWorker:
         rows = [i for i, w in enumerate(work) if w.sample]
         if not rows:
             return StepResult(tokens={}, failed=failed)
-        last = torch.tensor([batch.seqs[i].end - 1 for i in rows])
+        last = torch.tensor([batch.seqs[i].end - 1 for i in rows], device=streams.device)
         logits = self.model.logits(streams[last])
         uids = [work[i].uid for i in rows]
         result = self._sample(uids, logits, plan.num_generated)
@@ -134,7 +134,7 @@ class ModelWorker:
         for uid in uids:
             p = self.params[uid]
             rows.append((p.temperature, p.top_p, p.top_k, p.min_p, self.seeds[uid], counters.get(uid, 0), p.logprobs))
-        sb = SamplingBatch.build(rows)
+        sb = SamplingBatch.build(rows, logits.device)
         tokens, chosen, top = sample(logits, sb)
         out_tokens = dict(zip(uids, tokens.tolist(), strict=True))
         logprobs: dict[str, TokenLogprob] = {}
