@@ -30,6 +30,7 @@ checked before the decode side allocates anything), `nbytes()` and `fetch(timeou
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -212,12 +213,13 @@ class CollectiveCarrier(Carrier):
         self.groups[name] = _pair_group(store, name, 0, self.device, self.timeout_s)
 
     def send(self, key: str, name: str) -> None:
+        """Each layer as one message (its tensors' bytes back to back)."""
         with self._lock:
             layers, _ = self.held.pop(key)
         group = self.groups[name]
         for slots, entries in layers:
-            for t in (*slots, *entries):
-                group.send([t.contiguous()], 1, 0).wait()
+            tensors = [t.contiguous().reshape(-1).view(torch.uint8) for t in (*slots, *entries)]
+            group.send([torch.cat(tensors) if tensors else torch.empty(0, dtype=torch.uint8)], 1, 0).wait()
 
     # -- the pulling side ------------------------------------------------------------------
     def fetch(self, ticket: Any, timeout: float) -> SeqExport:
@@ -231,13 +233,12 @@ class CollectiveCarrier(Carrier):
             sent = source.call("send", ticket.key, name)
             group, layers = self.groups[name], []
             for slot_sig, entry_sig in ticket.layout:
-                parts = []
-                for sig in (slot_sig, entry_sig):
-                    bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in sig]
-                    for buf in bufs:
-                        group.recv([buf], 0, 0).wait()
-                    parts.append(bufs)
-                layers.append((parts[0], parts[1]))
+                sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in (*slot_sig, *entry_sig)]
+                flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+                group.recv([flat], 0, 0).wait()
+                tensors = [part.view(dtype).view(shape) for part, (shape, dtype)
+                           in zip(flat.split(sizes), (*slot_sig, *entry_sig), strict=True)]  # fmt: skip
+                layers.append((tensors[: len(slot_sig)], tensors[len(slot_sig) :]))
             sent(timeout)
         except HandoffFetchError:
             raise

@@ -149,7 +149,22 @@ ERRORS = [
     ({"pools": []}, "pools: must be a non-empty mapping"),
     ({"pools": {"prefill": {"context_parallel_min_tokens": -1}, "decode": {}}},
      "pools.prefill.context_parallel_min_tokens: must be >= 0, got -1"),
+    ({"scheduler": {"handoff_transport": "rdma"}}, "scheduler.handoff_transport: must be one of"),
+    ({"model": {"device": "tpu"}}, "model.device: must be one of"),
 ]
+
+
+def test_handoff_transport_auto_is_collective_only_where_every_pool_uses_nccl():
+    def transport(pre: str, dec: str, chosen: str = "auto") -> str:
+        raw = {"backend": "ray", "scheduler": {"handoff_transport": chosen},
+               "pools": {"prefill": {"communicator": pre}, "decode": {"communicator": dec}}}  # fmt: skip
+        return parse_manifest(raw).handoff_transport
+
+    assert transport("nccl", "nccl") == "collective"
+    assert transport("nccl", "gloo") == transport("gloo", "gloo") == "object_store"
+    assert transport("gloo", "gloo", "collective") == "collective"
+    assert transport("nccl", "nccl", "object_store") == "object_store"
+    assert parse_manifest({}).model.device == "auto"
 
 
 def test_pools_and_the_instance_shorthand():
@@ -219,3 +234,18 @@ def test_flags_override_the_manifest(tmp_path):
     m = resolve_manifest(args)
     assert (m.gateway.host, m.gateway.port, m.gateway.metrics_port) == ("0.0.0.0", 0, 9000)
     assert (m.model.checkpoint, m.model.preset, m.model.seed) == ("/ckpt", None, None)
+
+
+def test_device_cuda_without_a_gpu_says_so():
+    import torch
+
+    from workers.weights import serving_device
+
+    gpu = torch.cuda.is_available()
+    assert serving_device("auto") == torch.device("cuda" if gpu else "cpu")
+    assert serving_device("cpu") == torch.device("cpu")
+    if gpu:
+        assert serving_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            serving_device("cuda")

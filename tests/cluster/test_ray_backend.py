@@ -69,7 +69,8 @@ def test_killed_worker_fails_requests_fast_and_instance_is_rebuilt(ray_cluster, 
     t0 = time.monotonic()
     ray.kill(victim, no_restart=True)
     col.wait(["long"], timeout=30)
-    assert time.monotonic() - t0 < 10
+    # a dead actor fails its step at once (or, on a loaded machine, at the 10 s step timeout); then the rebuild
+    assert time.monotonic() - t0 < 25
     assert col.final("long").finish_reason == "error" and col.final("long").unavailable  # gRPC: UNAVAILABLE
     after = run(engine, requests()[:1])  # the rebuilt instance serves again
     assert after.final("r0").finish_reason == "length" and len(after.tokens("r0")) == 8
