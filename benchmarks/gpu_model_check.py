@@ -19,6 +19,11 @@ numbers:
      (`load_model(..., resident_quant=True)`) vs the default model's kernel path: bit-identical;
      and the weight bytes each holds on the device after the run (the default model holds its
      dequantized weights plus the copies the kernel path re-quantized).
+  5. The serving path as `build_engine` loads it on the device (`ModelWorker`, FP8/FP4 weights
+     resident): chunked prefill of a greedy and a seeded request, the last chunk shipping each
+     layer for a KV handoff, the state imported into a second worker, batched decode. Its
+     tokens equal a third worker's on the same device that kept the requests (exact), and
+     are compared with the same run on the CPU (share of equal tokens).
 Then decode steps (batch B at a context of C tokens) with the kernel path vs the torch
 path on the same device: ms per step and the ratio.
 """
@@ -39,10 +44,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
+from cluster.messages import SamplingParams, SeqWork, StepPlan  # noqa: E402
 from workers.checkpoint import QUANT_MODES, save_checkpoint  # noqa: E402
 from workers.model import Batch, Transformer  # noqa: E402
 from workers.presets import preset_config  # noqa: E402
 from workers.weights import load_model, random_weights, resident_weight_bytes  # noqa: E402
+from workers.worker import ModelWorker  # noqa: E402
 
 LENGTHS, SPLIT, DECODE = (300, 131), 200, 5  # crosses 4- and 128-token blocks; top-k drops most keys
 
@@ -62,6 +69,45 @@ def scenario(model: Transformer, kernel_path: bool | None) -> list[torch.Tensor]
     for st in states:
         st.free()
     return [t.float().cpu() for t in out]
+
+
+SERVING = {"greedy": SamplingParams(max_tokens=8, temperature=0.0),
+           "seeded": SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=3)}
+
+
+def serving_tokens(ckpt: Path, dev: torch.device, handoff: bool) -> dict[str, list[int]]:
+    """Two requests through ModelWorker steps on `dev`: prefill in two chunks, then 6 batched
+    decode steps; with `handoff` the last chunk is exported layer by layer and the states
+    continue on a second worker (a KV handoff inside the device)."""
+
+    def worker() -> ModelWorker:
+        return ModelWorker(load_model(ckpt, dtype=torch.float32, simulate_quant=True, progress=False,
+                                      resident_quant=dev.type == "cuda", device=dev))  # fmt: skip
+
+    first = worker()
+    gen = torch.Generator().manual_seed(4)
+    prompts = {uid: tuple(torch.randint(3, 129280, (n,), generator=gen).tolist())
+               for uid, n in zip(SERVING, LENGTHS, strict=True)}  # fmt: skip
+    cut = {u: len(p) // 2 for u, p in prompts.items()}  # 150 and 65: mid-block, and the second in one page
+    first.execute(StepPlan(work=tuple(SeqWork(u, p[: cut[u]], 0, False) for u, p in prompts.items()),
+                           sampling=SERVING))  # fmt: skip
+    last = StepPlan(work=tuple(SeqWork(u, p[cut[u] :], cut[u], True) for u, p in prompts.items()),
+                    exports=frozenset(prompts) if handoff else frozenset())  # fmt: skip
+    tokens = {u: [t] for u, t in first.execute(last).tokens.items()}
+    imports, second = {}, first
+    if handoff:
+        imports = {u: first.export(u) for u in prompts}
+        second = worker()
+    for step in range(6):
+        plan = StepPlan(work=tuple(SeqWork(u, (tokens[u][-1],), len(p) + step, True) for u, p in prompts.items()),
+                        sampling=SERVING if step == 0 and handoff else {},
+                        num_generated={u: len(tokens[u]) for u in prompts}, imports=imports if step == 0 else {})
+        result = second.execute(plan)
+        if result.failed:
+            raise RuntimeError(f"the handoff failed: {result.failed}")
+        for u, t in result.tokens.items():
+            tokens[u].append(t)
+    return tokens
 
 
 def compare(got: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, float]:
@@ -127,8 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{quant}: fp32 torch path on device vs cpu"] = compare(scenario(on_dev, False), ref)
         bf16 = load_model(ckpt, dtype=torch.bfloat16, simulate_quant=True, progress=False).to(dev)
         results[f"{quant}: bf16 kernels vs fp32 cpu"] = compare(scenario(bf16, True), ref)
+        if quant == args.quant:  # the serving path, as build_engine loads it on the device
+            moved = serving_tokens(ckpt, dev, handoff=True)
+            kept = serving_tokens(ckpt, dev, handoff=False)
+            cpu = serving_tokens(ckpt, torch.device("cpu"), handoff=False)
+            same = [a == b for u in moved for a, b in zip(moved[u], cpu[u], strict=True)]
+            results["serving"] = {"handoff_equals_kept": moved == kept, "same_tokens_as_cpu": sum(same) / len(same),
+                                  "tokens": moved}  # fmt: skip
+            print(f"serving path on {dev.type}: handed-off tokens equal kept {moved == kept}, "
+                  f"same tokens as cpu {sum(same) / len(same):.3f}")  # fmt: skip
     for name, r in results.items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "max_abs_diff" in r:
             print(f"{name:44s} max |diff| {r['max_abs_diff']:.2e}  same argmax {r['same_argmax']:.3f}  "
                   f"finite {r['finite']}")  # fmt: skip
     if weight_bytes:
@@ -151,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     strict, quantized = results["none: fp32 kernels vs cpu"], results[f"{args.quant}: fp32 kernels vs cpu"]
     ok = strict["same_argmax"] == 1.0 and strict["max_abs_diff"] < 1e-3 and strict["finite"]
     ok = ok and quantized["same_argmax"] >= 0.95 and quantized["finite"]
+    ok = ok and results["serving"]["handoff_equals_kept"]
     if weight_bytes:  # resident FP8/FP4 weights: the same kernels on the same packed tensors
         resident = results[f"{args.quant}: fp32 resident kernels vs kernels"]
         ok = ok and resident["max_abs_diff"] == 0.0 and weight_bytes["resident"] < weight_bytes["default"]

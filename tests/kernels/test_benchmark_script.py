@@ -54,3 +54,6 @@ def test_gpu_model_check_runs_on_cpu_with_the_references(tmp_path, monkeypatch) 
     assert r["fp8-fp4: fp32 kernels vs cpu"]["same_argmax"] >= 0.95
     assert r["none: fp32 torch path on device vs cpu"]["max_abs_diff"] == 0.0
     assert set(r["decode"]) == {"fp32", "bf16"} and all(v["kernels_ms"] > 0 for v in r["decode"].values())
+    serving = r["serving"]  # on the CPU the run on "the device" is the CPU run itself: equal tokens
+    assert serving["handoff_equals_kept"] is True and serving["same_tokens_as_cpu"] == 1.0
+    assert {u: len(t) for u, t in serving["tokens"].items()} == {"greedy": 7, "seeded": 7}
