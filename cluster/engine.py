@@ -30,6 +30,7 @@ from cluster.scheduler import SchedRequest, Scheduler
 from cluster.textstream import TextStream
 from encoding.tokenizer import DeepSeekV4Tokenizer
 from router.stats import merge
+from workers.handoff import discard
 from workers.kv_cache import KVCacheManager
 
 log = logging.getLogger("dsv4.engine")
@@ -137,6 +138,7 @@ class Engine:
         old = prefilled.req
         problem = self.worker.check_import(state)
         if problem is not None:
+            discard(state)
             raise ValueError(f"{old.uid}: the handed-off state cannot be imported: {problem}")
         req = SchedRequest(old.uid, list(old.prompt), old.sampling, output=list(old.output), imported=state,
                            cached=old.cached)  # fmt: skip

@@ -120,13 +120,16 @@ class RankWorker:
     def handoff_send(self, key: str, name: str) -> None:
         self.worker.carrier.send(key, name)
 
+    def handoff_drop(self, key: str) -> None:
+        self.worker.carrier.drop(key)
+
     def node(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
 
 
-_HANDOFF_METHODS = ("handoff_has", "handoff_open_channel", "handoff_send")
+_HANDOFF_METHODS = ("handoff_has", "handoff_open_channel", "handoff_send", "handoff_drop")
 
 
 class RayEndpoint:

@@ -15,6 +15,7 @@ from typing import Any
 
 from cluster.messages import SamplingParams, SeqWork, StepPlan
 from cluster.prefix_cache import PrefixIndex, page_keys
+from workers.handoff import discard
 from workers.kv_cache import KVCacheManager
 
 
@@ -87,6 +88,8 @@ class Scheduler:
         for req in self.waiting:
             if req.uid == uid:
                 self.waiting.remove(req)
+                if req.imported is not None:  # its handed-off state will not be fetched: its holder may free it
+                    discard(req.imported)
                 return req
         return None
 

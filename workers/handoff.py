@@ -24,8 +24,10 @@ the layers from it just before it imports them into its pool:
   own direct transport was weighed: in Ray 2.60 it cannot pass refs nested in a plan,
   `ray.put` does not take gloo/nccl, and an actor joins one collective group per backend.)
 
-Every ticket has `num_tokens`, `layout()` (per layer, the (shape, dtype) of each tensor:
-checked before the decode side allocates anything), `nbytes()` and `fetch(timeout)`.
+Every ticket has `num_tokens`, its layout (`layout_of`: per layer, the (shape, dtype) of
+each tensor, checked before the decode side allocates anything), `nbytes()` and
+`fetch(timeout)`; `discard(ticket)` lets go of one that will not be fetched (a request
+refused or ended before its import), so its holder frees it at once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ def signature(tensors: Any) -> Signature:
 
 def layer_bytes(piece: LayerState) -> int:
     return sum(t.numel() * t.element_size() for part in piece for t in part)
+
+
+def discard(ticket: Any) -> None:
+    """Let go of a ticket that will not be fetched (best effort, never raises, never waits)."""
+    if isinstance(ticket, PulledState):
+        try:
+            ticket.source.call("drop", ticket.key)
+        except Exception:  # noqa: BLE001 - a dead holder has dropped it already
+            pass
 
 
 def layout_of(state: Any) -> Layout | None:
@@ -177,7 +188,8 @@ class PulledState:
 class CollectiveCarrier(Carrier):
     """Layers wait on the prefill worker until the decode worker pulls them over a
     two-rank process group (the prefill side is rank 0). A state not pulled within
-    `hold_s` (its decode side failed) is dropped at the next ticket."""
+    `hold_s` (its decode side failed, or it waited that long for room there: the failure
+    policy then recomputes it) is dropped at the next ticket; a discarded one at once."""
 
     name = "collective"
 
@@ -205,6 +217,10 @@ class CollectiveCarrier(Carrier):
     def has(self, key: str) -> bool:
         with self._lock:
             return key in self.held
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self.held.pop(key, None)
 
     def open_channel(self, name: str, addr: tuple[str, int]) -> None:
         import torch.distributed as dist

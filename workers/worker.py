@@ -14,7 +14,7 @@ import torch
 from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
-from workers.handoff import Carrier, HandoffFetchError, layer_bytes, layout_of, signature
+from workers.handoff import Carrier, HandoffFetchError, discard, layer_bytes, layout_of, signature
 from workers.kv_pool import KVPool, SeqExport, SeqState, Snapshot
 from workers.model import Batch, Transformer, grows_by
 from workers.sampler import SamplingBatch, sample
@@ -119,6 +119,7 @@ class ModelWorker:
         """A handed-off state, fetched through its carrier and checked, in this worker's pool."""
         problem = self.check_import(ticket)
         if problem is not None:  # before the pool allocates anything for it
+            discard(ticket)
             raise ValueError(problem)
         try:
             state = self.carrier.fetch(ticket, self.fetch_timeout)

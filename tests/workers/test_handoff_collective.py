@@ -9,6 +9,8 @@ ran the same prompt and never handed anything off.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -150,3 +152,35 @@ def test_a_pulled_state_needs_a_collective_carrier_on_the_decode_side(workers, t
                                     imports={"f": ticket}))  # fmt: skip
     assert "handoff transport `collective`" in result.failed["f"] and plain.num_states() == 0
     pre.carrier.held.clear()
+
+
+def _dropped(carrier: CollectiveCarrier, key: str) -> bool:
+    """Whether the holder let go of `key` (a discard reaches it on its endpoint's thread)."""
+    deadline = time.monotonic() + 10
+    while carrier.has(key) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not carrier.has(key)
+
+
+def test_a_refused_or_abandoned_ticket_is_freed_by_its_holder_at_once(workers):
+    """A ticket whose layout the decode worker refuses, and one whose request ends while it
+    waits for room on the decode instance, are discarded: the holder drops the layers it
+    keeps on its device now, not when they expire."""
+    from cluster.scheduler import SchedRequest, Scheduler
+    from workers.kv_cache import KVCacheManager, KVLayout
+
+    pre, dec, _ = workers
+    prefill(pre, "g", prompt(40, seed=6), GREEDY, export=True)
+    ticket = pre.export("g")
+    ticket.layout = ticket.layout[:-1]  # as another model's state would look
+    result = dec.execute(StepPlan(work=(SeqWork("g", (7,), 40, True),), sampling={"g": GREEDY}, imports={"g": ticket}))
+    assert "layers of state" in result.failed["g"] and dec.num_states() == 0
+    assert _dropped(pre.carrier, ticket.key)
+
+    prefill(pre, "h", prompt(40, seed=7), GREEDY, export=True)
+    ticket = pre.export("h")
+    sched = Scheduler(KVCacheManager(KVLayout.for_model(pre.model.cfg, 4), num_pages=64), 256, 8)
+    sched.add(SchedRequest("h", list(prompt(40, seed=7)), GREEDY, output=[7], imported=ticket))
+    assert pre.carrier.has(ticket.key)
+    sched.remove("h")  # aborted (or failed) while waiting for admission
+    assert _dropped(pre.carrier, ticket.key)
