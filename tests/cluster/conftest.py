@@ -47,3 +47,19 @@ def ray_cluster(tmp_path_factory):
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+
+
+@pytest.fixture(scope="module")
+def groups(ray_cluster, tiny_checkpoint):
+    """A prefill instance of 2 Ray actors (one per node) and a decode instance of 1 on node b,
+    kept for the module (float32, no quantization simulation)."""
+    from cluster.ray_backend import RayWorkerGroup
+
+    def group(resources):
+        return RayWorkerGroup(tiny_checkpoint, len(resources), dtype="float32", simulate_quant=False, num_cpus=1,
+                              resources=resources, step_timeout=60)  # fmt: skip
+
+    prefill, decode = group([{"node_a": 1}, {"node_b": 1}]), group([{"node_b": 1}])
+    yield prefill, decode
+    for g in (prefill, decode):
+        g.stop()

@@ -252,22 +252,6 @@ def kill_and_wait(actor) -> None:
         assert time.monotonic() < deadline, "the killed actor still answers"
 
 
-@pytest.fixture(scope="module")
-def groups(ray_cluster, tiny_checkpoint):
-    """A prefill instance of 2 actors (one per node) and a decode instance of 1 on node b."""
-    pytest.importorskip("ray")
-    from cluster.ray_backend import RayWorkerGroup
-
-    def group(resources):
-        return RayWorkerGroup(tiny_checkpoint, len(resources), dtype="float32", simulate_quant=False, num_cpus=1,
-                              resources=resources, step_timeout=60)  # fmt: skip
-
-    prefill, decode = group([{"node_a": 1}, {"node_b": 1}]), group([{"node_b": 1}])
-    yield prefill, decode
-    for g in (prefill, decode):
-        g.stop()
-
-
 def test_a_ray_handoff_passes_object_refs_not_the_state(groups, tiny_checkpoint, colocated):
     """The colocated tokens; the decode instance gets a ticket of object refs (a few hundred
     bytes through the driver) that counts the real state's bytes, and its layers are the

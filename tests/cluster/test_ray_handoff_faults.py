@@ -48,22 +48,6 @@ def reference(tiny_checkpoint) -> dict[str, list[int]]:
     return {uid: col.tokens(uid) for uid in REQUESTS}
 
 
-@pytest.fixture(scope="module")
-def groups(ray_cluster, tiny_checkpoint):
-    """A prefill instance of 2 actors (one per node) and a decode instance of 1, kept for the
-    module; each test puts new engines and a new router over them."""
-    from cluster.ray_backend import RayWorkerGroup
-
-    def group(resources):
-        return RayWorkerGroup(tiny_checkpoint, len(resources), dtype="float32", simulate_quant=False, num_cpus=1,
-                              resources=resources, step_timeout=60)  # fmt: skip
-
-    prefill, decode = group([{"node_a": 1}, {"node_b": 1}]), group([{"node_b": 1}])
-    yield prefill, decode
-    for g in (prefill, decode):
-        g.stop()
-
-
 def disagg(groups, policy: str, handoff_timeout_s: float = 30.0) -> DisaggRouter:
     engines = []
     for group, timeout in zip(groups, (handoff_timeout_s, 30.0), strict=True):

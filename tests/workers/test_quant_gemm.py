@@ -14,21 +14,10 @@ from safetensors import safe_open
 
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref
 from kernels.fp8_gemm import fp8_gemm_ref
-from workers.checkpoint import save_checkpoint
 from workers.model import Batch
 from workers.moe import swiglu
-from workers.presets import preset_config
 from workers.quant import act_qdq
-from workers.weights import load_model, random_weights
-
-
-@pytest.fixture(scope="module")
-def quantized_checkpoint(tmp_path_factory):
-    """The tiny preset stored as the FP4 release is: FP8 linears, FP4 routed experts."""
-    out = tmp_path_factory.mktemp("tiny-fp8-fp4")
-    cfg = preset_config("tiny")
-    save_checkpoint(out, cfg.to_dict(), random_weights(cfg, seed=0), quant="fp8-fp4", progress=False)
-    return out
+from workers.weights import load_model
 
 
 @pytest.fixture(scope="module")

@@ -18,35 +18,24 @@ from safetensors import safe_open
 
 import kernels
 from tests.kernels.helpers import requires_triton
-from workers.checkpoint import save_checkpoint
 from workers.layers import Linear
 from workers.model import Batch
 from workers.moe import ExpertGroup
-from workers.presets import preset_config
 from workers.quant import dequant_fp4_weight
-from workers.weights import load_model, random_weights, resident_weight_bytes
+from workers.weights import load_model, resident_weight_bytes
 
 _DISPATCHERS = [n for n in kernels.__all__ if n not in ("HAS_TRITON", "use_triton")]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny preset stored as the FP4 release is: FP8 linears, FP4 routed experts."""
-    out = tmp_path_factory.mktemp("tiny-fp8-fp4-resident")
-    cfg = preset_config("tiny")
-    save_checkpoint(out, cfg.to_dict(), random_weights(cfg, seed=0), quant="fp8-fp4", progress=False)
-    return out
+def _load(path, dtype: torch.dtype, resident: bool, **kw):
+    return load_model(path, dtype=dtype, simulate_quant=True, progress=False, resident_quant=resident, **kw)
 
 
-def _load(checkpoint, dtype: torch.dtype, resident: bool, **kw):
-    return load_model(checkpoint, dtype=dtype, simulate_quant=True, progress=False, resident_quant=resident, **kw)
-
-
-def _stored(checkpoint) -> dict[str, tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]]:
+def _stored(path) -> dict[str, tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]]:
     """Weight name -> (format, logical [out, in], stored weight, stored scale) for every tensor
     stored with a `.scale`, read from the files without the loader."""
     out = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
+    for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as fh:
             for key in fh.keys():
                 if key.endswith(".scale"):
@@ -96,11 +85,11 @@ def _assert_equal(got: list[torch.Tensor], expect: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_path_logits_are_bit_identical(checkpoint, kernel_path_with_references, dtype):
+def test_kernel_path_logits_are_bit_identical(quantized_checkpoint, kernel_path_with_references, dtype):
     """Prefill and a decode step through `fp8_gemm` / `fp4_grouped_gemm`: a resident model
     feeds the kernels its buffers and copies nothing; the default model re-quantizes lazily
     (and then holds both), with the same logits."""
-    plain, resident = _load(checkpoint, dtype, False), _load(checkpoint, dtype, True)
+    plain, resident = _load(quantized_checkpoint, dtype, False), _load(quantized_checkpoint, dtype, True)
     plain_bytes, resident_bytes = resident_weight_bytes(plain), resident_weight_bytes(resident)
     expect = _logits(plain, True)
     assert resident_weight_bytes(plain) > plain_bytes  # the lazily re-quantized copies
@@ -116,16 +105,17 @@ def test_kernel_path_logits_are_bit_identical(checkpoint, kernel_path_with_refer
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_torch_path_dequantizes_per_call_to_the_same_logits(checkpoint, dtype):
-    plain, resident = _load(checkpoint, dtype, False), _load(checkpoint, dtype, True)
+def test_torch_path_dequantizes_per_call_to_the_same_logits(quantized_checkpoint, dtype):
+    plain, resident = _load(quantized_checkpoint, dtype, False), _load(quantized_checkpoint, dtype, True)
     _assert_equal(_logits(resident, False), _logits(plain, False))
 
 
 @requires_triton
-def test_triton_kernels_get_the_same_weights(checkpoint, monkeypatch):
+def test_triton_kernels_get_the_same_weights(quantized_checkpoint, monkeypatch):
     """The Triton kernels themselves (interpreted) on one FP8 linear and one FP4 expert group."""
     monkeypatch.setenv("DSV4_KERNELS", "triton")
-    plain, resident = _load(checkpoint, torch.bfloat16, False), _load(checkpoint, torch.bfloat16, True)
+    plain = _load(quantized_checkpoint, torch.bfloat16, False)
+    resident = _load(quantized_checkpoint, torch.bfloat16, True)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 128, generator=gen).bfloat16()
     ids, weights = torch.tensor([3, 0, 3, 7, 1]), torch.rand(5, generator=gen) + 0.1
@@ -135,11 +125,11 @@ def test_triton_kernels_get_the_same_weights(checkpoint, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_resident_bytes_are_the_checkpoints_quantized_bytes(checkpoint, dtype):
+def test_resident_bytes_are_the_checkpoints_quantized_bytes(quantized_checkpoint, dtype):
     """Every tensor stored with a scale is held at its stored size, except `attn.wo_a` (read as
     a plain weight by attention, so kept dequantized); everything else is as before."""
-    plain, resident = _load(checkpoint, dtype, False), _load(checkpoint, dtype, True)
-    packed = {n: v for n, v in _stored(checkpoint).items() if ".attn.wo_a." not in n}
+    plain, resident = _load(quantized_checkpoint, dtype, False), _load(quantized_checkpoint, dtype, True)
+    packed = {n: v for n, v in _stored(quantized_checkpoint).items() if ".attn.wo_a." not in n}
     assert {v[0] for v in packed.values()} == {"fp8", "fp4"}
 
     def stored_bytes(fmt: str, shape: tuple[int, int]) -> int:
@@ -160,12 +150,13 @@ def test_resident_bytes_are_the_checkpoints_quantized_bytes(checkpoint, dtype):
     assert not resident.layers[1].attn.wo_a.is_packed and resident.layers[1].attn.wq_a.is_packed
 
 
-def test_expert_parallel_subset_packs_only_its_experts(checkpoint):
+def test_expert_parallel_subset_packs_only_its_experts(quantized_checkpoint):
     """A worker holding experts {1, 4, 6} packs exactly those (values from the files), at
     3/8 of the full model's expert bytes; `.to()` moves the packed buffers."""
     held = [6, 1, 4]
-    sub, full = _load(checkpoint, torch.bfloat16, True, expert_ids=held), _load(checkpoint, torch.bfloat16, True)
-    stored = _stored(checkpoint)
+    sub = _load(quantized_checkpoint, torch.bfloat16, True, expert_ids=held)
+    full = _load(quantized_checkpoint, torch.bfloat16, True)
+    stored = _stored(quantized_checkpoint)
     for layer in (0, 2):
         group = sub.layers[layer].ffn.experts
         assert group.is_packed and group.expert_ids == [1, 4, 6]
