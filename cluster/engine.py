@@ -304,6 +304,8 @@ class Engine:
     def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
         for uid, why in result.failed.items():  # its handed-off state did not arrive: the failure policy applies
             log.error("%s: %s", uid, why)
+            if uid in plan.snapshots and self.scheduler.prefix is not None:  # the worker kept nothing for it
+                self.scheduler.prefix.remove(plan.snapshots[uid])
             self._finish(uid, "error", error=f"KV handoff failed: {why}", unavailable=True)
         for uid, token in result.tokens.items():
             live = self._live.get(uid)
@@ -345,6 +347,7 @@ class Engine:
             live.handoff(state, live)
         except Exception as e:  # no decode instance took it: the client still gets a final message
             log.exception("%s: handoff failed", uid)
+            discard(state)  # (its holder frees it now)
             self._emit(live, RequestOutput(uid, finish_reason="error", error=f"KV handoff failed: {e}",
                                            unavailable=True, **self._usage(live)))  # fmt: skip
 

@@ -123,13 +123,16 @@ class RankWorker:
     def handoff_drop(self, key: str) -> None:
         self.worker.carrier.drop(key)
 
+    def handoff_close_channel(self, name: str) -> None:
+        self.worker.carrier.close_channel(name)
+
     def node(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
 
 
-_HANDOFF_METHODS = ("handoff_has", "handoff_open_channel", "handoff_send", "handoff_drop")
+_HANDOFF_METHODS = ("handoff_has", "handoff_open_channel", "handoff_send", "handoff_drop", "handoff_close_channel")
 
 
 class RayEndpoint:
@@ -138,11 +141,25 @@ class RayEndpoint:
     def __init__(self, actor) -> None:
         self.actor, self.id = actor, actor._actor_id.hex()
 
-    def call(self, name: str, *args):
+    def call(self, name: str, *args) -> _RayReply:
+        return _RayReply(getattr(self.actor, f"handoff_{name}").remote(*args))
+
+
+class _RayReply:
+    """A `workers.handoff.Reply` over an object ref."""
+
+    def __init__(self, ref) -> None:
+        self.ref = ref
+
+    def done(self) -> bool:
         import ray
 
-        ref = getattr(self.actor, f"handoff_{name}").remote(*args)
-        return lambda timeout: ray.get(ref, timeout=timeout)
+        return bool(ray.wait([self.ref], timeout=0)[0])
+
+    def result(self, timeout: float | None = None):
+        import ray
+
+        return ray.get(self.ref, timeout=timeout)
 
 
 class _ModelView:

@@ -49,9 +49,10 @@ class ContextParallel:
         every rank's, by rank. Two collectives: the row counts, then the rows as fp32
         (exact for the fp32 and bf16 values exchanged here)."""
         w = self.comm.world_size
-        rows = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+        dev = tensors[0].device if tensors else None
+        rows = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=dev)
         counts = self._gather(rows).view(w, -1)
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.empty(0)
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.empty(0, device=dev)
         data = self._gather(flat)  # on the communicator's device (nccl: the GPU's)
         out, at = [], 0
         for rank in range(w):
@@ -78,7 +79,7 @@ class ContextParallel:
         slot, table, pool = at
         rank, pos0, end = self.comm.rank, sq.pos0, sq.pos0 + c.kv.shape[0]
         comps = _compressors(attn, pool)
-        mine = [torch.tensor([[pos0, end]]), _tail(c.kv, pool.ring)]
+        mine = [torch.tensor([[pos0, end]], device=c.kv.device), _tail(c.kv, pool.ring)]
         for comp, cpool, rows in zip(comps[0], comps[1], (c.comp, c.idx_comp), strict=False):
             score = rows[1] + comp.ape[c.positions % comp.ratio]  # the ring holds biased scores
             mine += [_tail(rows[0], cpool.ring), _tail(score, cpool.ring)]

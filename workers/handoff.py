@@ -32,11 +32,11 @@ refused or ended before its import), so its holder frees it at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -69,7 +69,7 @@ def discard(ticket: Any) -> None:
     """Let go of a ticket that will not be fetched (best effort, never raises, never waits)."""
     if isinstance(ticket, PulledState):
         try:
-            ticket.source.call("drop", ticket.key)
+            ticket.source.call("drop", ticket.key)  # not waited for
         except Exception:  # noqa: BLE001 - a dead holder has dropped it already
             pass
 
@@ -107,7 +107,8 @@ class Carrier:
 
 
 class ObjectStoreCarrier(Carrier):
-    """Each layer goes to the Ray object store from the worker that computed it."""
+    """Each layer goes to the Ray object store from the worker that computed it. (CUDA
+    tensors are pickled through the host: between GPU workers use `CollectiveCarrier`.)"""
 
     name = "object_store"
 
@@ -145,14 +146,22 @@ class StateRefs:
         return SeqExport(self.num_tokens, [s for s, _ in layers], [e for _, e in layers])
 
 
+class Reply(Protocol):
+    """The answer to an endpoint call: `done()` without waiting, `result(timeout)` waits
+    (and raises what the call raised)."""
+
+    def done(self) -> bool: ...
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
 class Endpoint(Protocol):
     """How a decode worker reaches the worker holding a `PulledState`: `call(name, *args)`
-    runs `CollectiveCarrier.<name>(*args)` there, beside its steps (not after them), and
-    returns a function that waits `timeout` seconds for the result."""
+    runs `CollectiveCarrier.<name>(*args)` there, beside its steps (not after them)."""
 
     id: str
 
-    def call(self, name: str, *args: Any) -> Callable[[float], Any]: ...
+    def call(self, name: str, *args: Any) -> Reply: ...
 
 
 class LocalEndpoint:
@@ -162,9 +171,8 @@ class LocalEndpoint:
         self.carrier, self.id = carrier, f"local-{uuid.uuid4().hex}"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-handoff")
 
-    def call(self, name: str, *args: Any) -> Callable[[float], Any]:
-        future = self._pool.submit(getattr(self.carrier, name), *args)
-        return lambda timeout: future.result(timeout)
+    def call(self, name: str, *args: Any) -> Reply:
+        return self._pool.submit(getattr(self.carrier, name), *args)
 
 
 @dataclass
@@ -201,6 +209,7 @@ class CollectiveCarrier(Carrier):
         self.groups: dict[str, Any] = {}  # channel name -> two-rank group (either side)
         self.peers: dict[str, str] = {}  # holder's endpoint id -> channel name (pulling side)
         self._stores: dict[str, Any] = {}  # channel name -> rendezvous store hosted here (pulling side)
+        self._stream: Any = None  # CUDA: the side stream of the channel's sends and receives
         self._lock = threading.Lock()
 
     def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> PulledState:
@@ -228,43 +237,67 @@ class CollectiveCarrier(Carrier):
         store = dist.TCPStore(addr[0], addr[1], is_master=False, timeout=timedelta(seconds=self.timeout_s))
         self.groups[name] = _pair_group(store, name, 0, self.device, self.timeout_s)
 
+    def close_channel(self, name: str) -> None:
+        _abort(self.groups.pop(name, None))
+
     def send(self, key: str, name: str) -> None:
-        """Each layer as one message (its tensors' bytes back to back)."""
-        with self._lock:
-            layers, _ = self.held.pop(key)
+        """A header (1 and the state's bytes, or 0: not held), then each layer as one message
+        (its tensors' bytes back to back, each padded to 16). A send that does not complete
+        in time closes the channel (the puller gave up)."""
         group = self.groups[name]
-        for slots, entries in layers:
-            tensors = [t.contiguous().reshape(-1).view(torch.uint8) for t in (*slots, *entries)]
-            group.send([torch.cat(tensors) if tensors else torch.empty(0, dtype=torch.uint8)], 1, 0).wait()
+        with self._lock:
+            held = self.held.pop(key, None)
+        layers = [] if held is None else [_pack(piece) for piece in held[0]]
+        header = torch.tensor([int(held is not None), sum(m.numel() for m in layers)], device=self.device)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            for message in (header, *layers):
+                with self._side_stream():
+                    work = group.send([message], 1, 0)
+                _complete(work, deadline, self.device.type == "cuda")
+        except Exception:
+            self.close_channel(name)
+            raise
 
     # -- the pulling side ------------------------------------------------------------------
     def fetch(self, ticket: Any, timeout: float) -> SeqExport:
         if not isinstance(ticket, PulledState):
             return ticket.fetch(timeout)
-        source = ticket.source
+        source, deadline = ticket.source, time.monotonic() + timeout
         try:
-            if not source.call("has", ticket.key)(timeout):
+            if not source.call("has", ticket.key).result(timeout):  # also: a dead holder fails here, at once
                 raise HandoffFetchError("its prefill worker no longer holds the state (released or expired)")
-            name = self._channel(source, timeout)
+            name = self._channel(source, deadline)
+            group = self.groups[name]
             sent = source.call("send", ticket.key, name)
-            group, layers = self.groups[name], []
-            for slot_sig, entry_sig in ticket.layout:
-                sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in (*slot_sig, *entry_sig)]
-                flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
-                group.recv([flat], 0, 0).wait()
-                tensors = [part.view(dtype).view(shape) for part, (shape, dtype)
-                           in zip(flat.split(sizes), (*slot_sig, *entry_sig), strict=True)]  # fmt: skip
+            header = self._recv(group, torch.empty(2, dtype=torch.int64, device=self.device), deadline, sent)
+            if not int(header[0]):
+                raise HandoffFetchError("its prefill worker no longer holds the state (released or expired)")
+            sigs = [(*slot_sig, *entry_sig) for slot_sig, entry_sig in ticket.layout]
+            sizes = [_padded_sizes(sig) for sig in sigs]
+            if int(header[1]) != sum(sum(sz) for sz in sizes):
+                raise HandoffFetchError(f"the state has {int(header[1])} bytes, its ticket says otherwise")
+            layers = []
+            for (slot_sig, _), sig, sz in zip(ticket.layout, sigs, sizes, strict=True):
+                flat = self._recv(group, torch.empty(sum(sz), dtype=torch.uint8, device=self.device), deadline, sent)
+                tensors = _unpack(flat, sig, sz)
                 layers.append((tensors[: len(slot_sig)], tensors[len(slot_sig) :]))
-            sent(timeout)
+            sent.result(max(0.0, deadline - time.monotonic()))
         except HandoffFetchError:
             raise
         except Exception as e:  # the holder died or hung: this channel is unusable, the state is lost
-            self._close(source.id)
+            self._close(source)
             why = f"{type(e).__name__}: {e}"
             raise HandoffFetchError(f"pulling the state from its prefill worker failed ({why})") from e
         return SeqExport(ticket.num_tokens, [s for s, _ in layers], [e for _, e in layers])
 
-    def _channel(self, source: Endpoint, timeout: float) -> str:
+    def _recv(self, group: Any, buf: torch.Tensor, deadline: float, sent: Reply) -> torch.Tensor:
+        with self._side_stream():
+            work = group.recv([buf], 0, 0)
+        _complete(work, deadline, self.device.type == "cuda", sent)
+        return buf
+
+    def _channel(self, source: Endpoint, deadline: float) -> str:
         """The channel to `source`, opened (both ends meet through a store hosted here) if new."""
         import torch.distributed as dist
 
@@ -273,18 +306,78 @@ class CollectiveCarrier(Carrier):
         name = f"kv-handoff-{uuid.uuid4().hex}"
         store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=self.timeout_s))  # fmt: skip
+        self.peers[source.id], self._stores[name] = name, store  # from here on `_close` undoes it
         opened = source.call("open_channel", name, (self.host, store.port))
-        self._stores[name] = store
         self.groups[name] = _pair_group(store, name, 1, self.device, self.timeout_s)
-        opened(timeout)
-        self.peers[source.id] = name
+        opened.result(max(0.0, deadline - time.monotonic()))
         return name
 
-    def _close(self, source_id: str) -> None:
-        name = self.peers.pop(source_id, None)
-        if name is not None:
-            self.groups.pop(name, None)
-            self._stores.pop(name, None)
+    def _close(self, source: Endpoint) -> None:
+        """Forget the channel to `source` after a failure (both ends: its next pull opens a new one)."""
+        name = self.peers.pop(source.id, None)
+        if name is None:
+            return
+        _abort(self.groups.pop(name, None))
+        self._stores.pop(name, None)
+        try:
+            source.call("close_channel", name)  # not waited for: the holder may be dead
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _side_stream(self):
+        """NCCL work on a stream of its own, so a pending send or recv never holds up the
+        stream the model computes on (gloo: nothing to do)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._stream)
+
+
+def _padded_sizes(sig: Signature) -> list[int]:
+    """Bytes of each tensor, rounded up to 16 (so every part of a message is aligned for its dtype)."""
+    return [-(-math.prod(shape) * dtype.itemsize // 16) * 16 for shape, dtype in sig]
+
+
+def _pack(piece: LayerState) -> torch.Tensor:
+    tensors = [*piece[0], *piece[1]]
+    parts = []
+    for t, size in zip(tensors, _padded_sizes(signature(tensors)), strict=True):
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        parts += [raw, raw.new_zeros(size - raw.numel())]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def _unpack(flat: torch.Tensor, sig: Signature, sizes: list[int]) -> list[torch.Tensor]:
+    out = []
+    for part, (shape, dtype) in zip(flat.split(sizes), sig, strict=True):
+        out.append(part[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+    return out
+
+
+def _complete(work: Any, deadline: float, cuda: bool, peer: Reply | None = None) -> None:
+    """Wait for a send/recv until `deadline`. NCCL: poll, so no CUDA stream is held up, and
+    stop early when the peer's call ended with an error. Gloo: one blocking wait (its
+    timeout closes the pair, so it cannot be polled in slices; a dead peer closes it at once)."""
+    if not cuda:
+        work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        return
+    while not work.is_completed():
+        if peer is not None and peer.done():
+            peer.result(0)  # raises what the holder raised
+            peer = None  # it returned: its last send is on the wire
+        if time.monotonic() > deadline:
+            raise TimeoutError("the transfer did not complete in time")
+        time.sleep(0.0005)
+    work.wait()  # done: orders the current stream after it
+
+
+def _abort(group: Any) -> None:
+    if group is not None:
+        try:
+            group.abort()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
 
 
 def _pair_group(store: Any, name: str, rank: int, device: torch.device, timeout_s: float) -> Any:

@@ -308,13 +308,17 @@ class KVPool:
     def import_(self, exp: SeqExport) -> SeqState:
         """A new sequence holding an exported state."""
         st = self.new_seq()
-        self.grow(st, exp.num_tokens)
-        table = torch.tensor(st.pages or [0], dtype=torch.int64, device=self.device)
-        for layer, saved, rows in zip(self.layers, exp.slot_state, exp.entries, strict=True):
-            for t, value in zip(layer.slot_tensors(), saved, strict=True):
-                t[st.slot] = value.to(t.device)
-            for comp, value in zip(_comps(layer), rows, strict=True):
-                comp.write(table, torch.arange(value.shape[0], device=self.device), value.to(self.device))
+        try:
+            self.grow(st, exp.num_tokens)
+            table = torch.tensor(st.pages or [0], dtype=torch.int64, device=self.device)
+            for layer, saved, rows in zip(self.layers, exp.slot_state, exp.entries, strict=True):
+                for t, value in zip(layer.slot_tensors(), saved, strict=True):
+                    t[st.slot] = value.to(t.device)
+                for comp, value in zip(_comps(layer), rows, strict=True):
+                    comp.write(table, torch.arange(value.shape[0], device=self.device), value.to(self.device))
+        except BaseException:  # out of memory, a malformed state: nothing stays allocated
+            st.free()
+            raise
         st.num_tokens = exp.num_tokens
         return st
 

@@ -6,6 +6,7 @@ Plain class; the in-process backend calls it directly and the Ray backend wraps 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +55,12 @@ class ModelWorker:
             self.seeds[uid] = params.seed if params.seed is not None else _fresh_seed()
         failed: dict[str, str] = {}
         work, states = [], []
+        deadline = time.monotonic() + self.fetch_timeout  # for every import of this step together
         for w in plan.work:
             st = self.states.get(w.uid)
             if st is None and w.uid in plan.imports:
                 try:
-                    st = self._import(plan.imports[w.uid])
+                    st = self._import(plan.imports[w.uid], max(0.0, deadline - time.monotonic()))
                 except Exception as e:  # noqa: BLE001 - this request fails alone, nothing was allocated
                     failed[w.uid] = f"the handed-off state cannot be imported: {e}"
                     self.release(w.uid)
@@ -84,7 +86,8 @@ class ModelWorker:
                      for w, st, sq in zip(work, states, batch.seqs, strict=True) if w.uid in plan.exports]  # fmt: skip
         streams = self._forward(batch, states, exporting)
         for uid, key in plan.snapshots.items():
-            self.prefixes[key] = self.model.kv.snapshot(self.states[uid])
+            if uid not in failed:  # (the engine forgets a failed one's key)
+                self.prefixes[key] = self.model.kv.snapshot(self.states[uid])
         rows = [i for i, w in enumerate(work) if w.sample]
         if not rows:
             return StepResult(tokens={}, failed=failed)
@@ -115,15 +118,16 @@ class ModelWorker:
         finally:
             self.model.after_layer = None
 
-    def _import(self, ticket: Any) -> SeqState:
+    def _import(self, ticket: Any, timeout: float) -> SeqState:
         """A handed-off state, fetched through its carrier and checked, in this worker's pool."""
         problem = self.check_import(ticket)
         if problem is not None:  # before the pool allocates anything for it
             discard(ticket)
             raise ValueError(problem)
         try:
-            state = self.carrier.fetch(ticket, self.fetch_timeout)
+            state = self.carrier.fetch(ticket, timeout)
         except HandoffFetchError as e:
+            discard(ticket)  # (a holder still keeping it frees it now)
             raise ValueError(str(e)) from e
         problem = self.check_import(state)
         if problem is not None:  # a ticket whose layers do not match its own layout

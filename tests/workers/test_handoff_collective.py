@@ -129,10 +129,14 @@ def test_a_dead_holder_fails_the_pull_and_closes_the_channel(workers):
         id = ticket.source.id
 
         def call(self, name, *args):
-            def wait(timeout):
-                raise ConnectionError("actor died")
+            class Reply:
+                def done(self):
+                    return True
 
-            return wait
+                def result(self, timeout=None):
+                    raise ConnectionError("actor died")
+
+            return Reply()
 
     ticket.source = Dead()
     dec.carrier.peers.setdefault(Dead.id, "kv-handoff-stale")
@@ -184,3 +188,33 @@ def test_a_refused_or_abandoned_ticket_is_freed_by_its_holder_at_once(workers):
     assert pre.carrier.has(ticket.key)
     sched.remove("h")  # aborted (or failed) while waiting for admission
     assert _dropped(pre.carrier, ticket.key)
+
+
+def test_a_failed_import_keeps_no_snapshot(workers):
+    """A step that planned to keep the prefix of a request whose import failed runs on and
+    keeps nothing for it (the engine forgets the key)."""
+    pre, dec, _ = workers
+    prefill(pre, "i", prompt(127, seed=8), GREEDY, export=True)
+    ticket = pre.export("i")
+    dec.carrier.fetch(ticket, 20)  # pulled once already: the real pull below finds nothing
+    plan = StepPlan(work=(SeqWork("i", (7,), 127, True),), sampling={"i": GREEDY}, imports={"i": ticket},
+                    snapshots={"i": "page-key"})  # fmt: skip
+    result = dec.execute(plan)
+    assert set(result.failed) == {"i"} and "page-key" not in dec.prefixes and dec.num_states() == 0
+
+
+def test_messages_keep_every_tensor_aligned():
+    """A layer's tensors go back to back in one message, each padded to 16 bytes, so odd
+    sizes of mixed dtypes come back equal (a view of a misaligned offset would fail)."""
+    from workers.handoff import _pack, _padded_sizes, _unpack, signature
+
+    gen = torch.Generator().manual_seed(9)
+    slots = [torch.randn(3, generator=gen).bfloat16(), torch.randn(5, 1, generator=gen)]
+    entries = [torch.randint(0, 9, (1,), generator=gen), torch.randn(0, 4), torch.randn(2, 3, generator=gen)]
+    piece = (slots, entries)
+    tensors = [*piece[0], *piece[1]]
+    sig = signature(tensors)
+    flat = _pack(piece)
+    assert flat.dtype == torch.uint8 and flat.numel() == sum(_padded_sizes(sig)) == 16 + 32 + 16 + 0 + 32
+    back = _unpack(flat.clone(), sig, _padded_sizes(sig))
+    assert all(b.dtype == t.dtype and torch.equal(b, t) for b, t in zip(back, tensors, strict=True))
