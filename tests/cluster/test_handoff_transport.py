@@ -202,6 +202,33 @@ def test_a_ticket_that_cannot_be_fetched_fails_its_request_alone(tiny_checkpoint
 
 # -- 4. through the Ray object store ------------------------------------------------------------
 
+def test_a_decode_engine_keeps_no_prefix_for_a_lost_import(tiny_checkpoint):
+    """A 127-token prompt: the decode instance's first step for it ends on a page boundary,
+    so (prefix cache on) it plans to keep that page. The state is gone from its collective
+    holder before the pull: the request ends UNAVAILABLE (policy fail), the decode engine
+    forgets the planned key, and a prompt that extends it is served there from scratch (a
+    stale key would send it to a cached prefix the worker never kept)."""
+    from workers.handoff import CollectiveCarrier, LocalEndpoint
+
+    pre, dec = ModelWorker(model_of(tiny_checkpoint)), ModelWorker(model_of(tiny_checkpoint))
+    pre.carrier = CollectiveCarrier("cpu", timeout_s=20)
+    pre.carrier.endpoint = LocalEndpoint(pre.carrier)
+    dec.carrier = CollectiveCarrier("cpu", timeout_s=20)
+    engines = [Engine(w, load_tokenizer(), KVCacheManager(KVLayout.for_model(w.model.cfg, 4), num_pages=4096),
+                      EngineConfig(prefix_cache=True)).start() for w in (pre, dec)]  # fmt: skip
+    router = DisaggRouter([engines[0]], [engines[1]], on_failure="fail")
+    spy_imports(engines[1], before=lambda ticket: pre.carrier.drop(ticket.key))  # lost before the pull
+    prompt = prompts(1, length=127, seed=77)[0]
+    col = run(router, [GenerateRequest("lost", prompt, GREEDY)])
+    final = col.final("lost")
+    assert final.unavailable and "no longer holds the state" in final.error, final
+    first = col.tokens("lost")[0]
+    assert engines[1].wait_idle(timeout=30) and len(engines[1].scheduler.prefix) == 0
+    again = run(engines[1], [GenerateRequest("again", (*prompt, first, 5, 6), GREEDY)])
+    assert again.final("again").finish_reason == "length" and not again.final("again").error
+    router.stop()
+
+
 RAY_PROMPT = prompts(1, length=150, seed=74)[0]
 # top_k: over a random model's nearly flat distribution float noise moves a CDF step; over 20 it cannot
 SEEDED = SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=7, ignore_eos=True)
