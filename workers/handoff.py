@@ -275,8 +275,8 @@ class CollectiveCarrier(Carrier):
                 raise HandoffFetchError("its prefill worker no longer holds the state (released or expired)")
             sigs = [(*slot_sig, *entry_sig) for slot_sig, entry_sig in ticket.layout]
             sizes = [_padded_sizes(sig) for sig in sigs]
-            if int(header[1]) != sum(sum(sz) for sz in sizes):
-                raise HandoffFetchError(f"the state has {int(header[1])} bytes, its ticket says otherwise")
+            if int(header[1]) != sum(sum(sz) for sz in sizes):  # (its layers are on the way: close the channel)
+                raise ValueError(f"the state has {int(header[1])} bytes, its ticket says otherwise")
             layers = []
             for (slot_sig, _), sig, sz in zip(ticket.layout, sigs, sizes, strict=True):
                 flat = self._recv(group, torch.empty(sum(sz), dtype=torch.uint8, device=self.device), deadline, sent)
