@@ -34,6 +34,14 @@ _LOAD_GAUGES = {  # engine.load() key -> (metric name, help)
 }
 
 
+_LOAD_COUNTERS = {  # engine.load() key -> (counter name, help)
+    "steps": ("dsv4_engine_steps", "engine steps run (all instances)"),
+    "handoffs": ("dsv4_kv_handoffs", "KV states handed from a prefill to a decode instance"),
+    "handoff_bytes": ("dsv4_kv_handoff_bytes", "bytes of the KV states handed off"),
+    "handoff_recomputed": ("dsv4_kv_handoff_recomputed", "requests recomputed after their state was lost"),
+}
+
+
 class _LoadCollector(Collector):
     def __init__(self, load: Callable[[], dict[str, int]]) -> None:
         self._load = load
@@ -47,8 +55,9 @@ class _LoadCollector(Collector):
         for key, (name, doc) in _LOAD_GAUGES.items():
             if key in load:
                 yield GaugeMetricFamily(name, doc, value=load[key])
-        if "steps" in load:
-            yield CounterMetricFamily("dsv4_engine_steps", "engine steps run (all instances)", value=load["steps"])
+        for key, (name, doc) in _LOAD_COUNTERS.items():
+            if key in load:
+                yield CounterMetricFamily(name, doc, value=load[key])
 
 
 class _RoutingCollector(Collector):

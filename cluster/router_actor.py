@@ -232,7 +232,7 @@ class DisaggRouter(InstanceRouter):
 
     def load(self) -> dict[str, int]:
         total = super().load()
-        total.update(handoffs=self.handoffs, handoff_bytes=self.handoff_bytes)
+        total.update(handoffs=self.handoffs, handoff_bytes=self.handoff_bytes, handoff_recomputed=self.recomputed)
         return total
 
     def pools(self) -> list[tuple[str, str, list[Engine]]]:

@@ -7,6 +7,8 @@ state against the sequence itself.
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from dataclasses import replace
 
 import pytest
@@ -115,11 +117,11 @@ def test_dsv4_serve_with_prefill_and_decode_pools(tiny_checkpoint, tmp_path):
     (a 300-token prompt is prefilled context-parallel over the prefill pool's 2 workers)."""
     import yaml
 
-    from tests.cluster.test_gateway import Server, generate, pb
+    from tests.cluster.test_gateway import Server, free_port, generate, pb
 
     raw = yaml.safe_load(open("manifests/disagg-local.yaml"))
     raw["model"] = {"checkpoint": str(tiny_checkpoint), "dtype": "float32", "simulate_quant": False}
-    raw["gateway"]["port"] = 0
+    raw["gateway"]["port"], raw["gateway"]["metrics_port"] = 0, free_port()
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
     server = Server("-m", str(tmp_path / "m.yaml"))
     try:
@@ -133,6 +135,17 @@ def test_dsv4_serve_with_prefill_and_decode_pools(tiny_checkpoint, tmp_path):
                                                                           ignore_eos=True))]).tokens("r")  # fmt: skip
             assert got == ref, len(ids)
         e.stop()
+        port = int(server.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)").group(1))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        names = ("dsv4_kv_handoffs", "dsv4_kv_handoff_bytes", "dsv4_kv_handoff_recomputed")
+        counters = [float(re.search(rf"^{name}_total (\S+)", text, re.M).group(1)) for name in names]
+        states = []  # what the two prompts' states hold, from a local model's pool
+        for n, seed in ((40, 44), (300, 45)):
+            st = m.new_state()
+            m(Batch.build([torch.tensor(prompts(1, length=n, seed=seed)[0])], [st]), [st])
+            states.append(m.kv.export(st).nbytes())
+            st.free()
+        assert counters == [2, sum(states), 0], counters
         info = server.stub.GetServerInfo(pb.GetServerInfoRequest())
         pools = {p.name: p for p in info.pools}
         assert (pools["prefill"].role, pools["decode"].role) == ("prefill", "decode")
