@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.assembly.model_cache import ensure_preset_checkpoint  # noqa: E402
 from workers.kv_pool import SeqExport  # noqa: E402
 from workers.model import Batch, Transformer  # noqa: E402
 from workers.weights import load_model  # noqa: E402

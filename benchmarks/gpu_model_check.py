@@ -44,10 +44,10 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from cluster.messages import SamplingParams, SeqWork, StepPlan  # noqa: E402
 from workers.checkpoint import QUANT_MODES, save_checkpoint  # noqa: E402
 from workers.model import Batch, Transformer  # noqa: E402
 from workers.presets import preset_config  # noqa: E402
+from workers.step import SamplingParams, SeqWork, StepPlan  # noqa: E402
 from workers.weights import load_model, random_weights, resident_weight_bytes  # noqa: E402
 from workers.worker import ModelWorker  # noqa: E402
 

@@ -33,9 +33,9 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.messages import SamplingParams, SeqWork, StepPlan  # noqa: E402
-from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.assembly.model_cache import ensure_preset_checkpoint  # noqa: E402
 from workers.kv_cache import KVLayout  # noqa: E402
+from workers.step import SamplingParams, SeqWork, StepPlan  # noqa: E402
 from workers.weights import load_model  # noqa: E402
 from workers.worker import ModelWorker  # noqa: E402
 
@@ -80,7 +80,7 @@ def workers_for(transport: str, checkpoint: Path):
         return worker(), worker(), lambda: None
     import ray
 
-    from cluster.ray_backend import RayWorkerGroup
+    from cluster.backends.ray_group import RayWorkerGroup
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster on this machine

@@ -26,11 +26,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.engine import Engine, EngineConfig  # noqa: E402
-from cluster.messages import GenerateRequest, RequestOutput, SamplingParams  # noqa: E402
-from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.assembly.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.engine.engine import Engine, EngineConfig  # noqa: E402
+from cluster.engine.requests import GenerateRequest, RequestOutput  # noqa: E402
 from encoding.tokenizer import load_tokenizer  # noqa: E402
 from workers.kv_cache import KVCacheManager, KVLayout  # noqa: E402
+from workers.step import SamplingParams  # noqa: E402
 from workers.weights import load_model  # noqa: E402
 from workers.worker import ModelWorker  # noqa: E402
 

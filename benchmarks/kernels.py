@@ -38,10 +38,10 @@ from kernels.indexer_topk import (  # noqa: E402
     indexer_topk_ref,
     indexer_topk_triton,
 )
+from kernels.quant import quant_fp8_weight  # noqa: E402
 from kernels.rmsnorm_rope import rmsnorm_rope_ref, rmsnorm_rope_triton  # noqa: E402
 from kernels.sinkhorn import sinkhorn_ref, sinkhorn_triton  # noqa: E402
 from kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton  # noqa: E402
-from workers.quant import quant_fp8_weight  # noqa: E402
 
 
 @dataclass

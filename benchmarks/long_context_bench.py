@@ -38,14 +38,15 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.engine import Engine, EngineConfig  # noqa: E402
-from cluster.messages import GenerateRequest, RequestOutput, SamplingParams  # noqa: E402
-from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
-from cluster.router_actor import DisaggRouter  # noqa: E402
-from cluster.worker_group import LocalWorkerGroup  # noqa: E402
+from cluster.assembly.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.backends.local import LocalWorkerGroup  # noqa: E402
+from cluster.engine.engine import Engine, EngineConfig  # noqa: E402
+from cluster.engine.pool_router import DisaggRouter  # noqa: E402
+from cluster.engine.requests import GenerateRequest, RequestOutput  # noqa: E402
 from encoding.tokenizer import load_tokenizer  # noqa: E402
 from workers.kv_cache import KVCacheManager, KVLayout  # noqa: E402
 from workers.model import Transformer  # noqa: E402
+from workers.step import SamplingParams  # noqa: E402
 from workers.weights import load_model  # noqa: E402
 from workers.worker import ModelWorker  # noqa: E402
 
@@ -117,7 +118,7 @@ def run_one(
     total = tokens + 1 + decode  # prompt, the prefill's first token, the decoded ones
     group = None
     if prefill_workers > 1:
-        group = LocalWorkerGroup(checkpoint, prefill_workers, dtype=torch.float32, page_size=PAGE)
+        group = LocalWorkerGroup.load(checkpoint, prefill_workers, dtype=torch.float32, page_size=PAGE)
         models = [w.model for w in group.workers] + [load_model(checkpoint, dtype=torch.float32, progress=False)]
     else:
         models = [load_model(checkpoint, dtype=torch.float32, progress=False) for _ in range(2)]
@@ -125,7 +126,7 @@ def run_one(
     layout = KVLayout.for_model(cfg, elem_bytes=4)
     for m in models:  # the request's whole cache (a replica on every prefill worker), allocated now
         m.configure_kv(page_size=PAGE, slots=2, pages=math.ceil(total / PAGE) + 1)
-    workers = [group or ModelWorker(models[0]), ModelWorker(models[-1])]
+    workers = [group or LocalWorkerGroup([ModelWorker(models[0])]), LocalWorkerGroup([ModelWorker(models[-1])])]
     pages = math.ceil(total / PAGE) + 64
     kv = [KVCacheManager(layout, num_pages=pages * prefill_workers, page_size=PAGE),
           KVCacheManager(layout, num_pages=pages, page_size=PAGE)]  # fmt: skip

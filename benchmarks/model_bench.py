@@ -22,9 +22,7 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import busy_warning, machine_info  # noqa: E402
 from workers.checkpoint import CONFIG_FILE, INDEX_FILE, save_checkpoint  # noqa: E402
 from workers.model import Batch, Transformer  # noqa: E402
 from workers.presets import PRESETS, preset_config  # noqa: E402
@@ -304,39 +303,6 @@ def bench_preset(preset: str, args: argparse.Namespace) -> Result:
 
 
 # -- report -------------------------------------------------------------------------------
-
-
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "dtype": args.dtype,
-        "decode_tokens": args.decode_tokens, "repeats": args.repeats, "commit": commit or "?",
-        "loadavg_start": os.getloadavg()[0],
-    }  # fmt: skip
-
-
-def busy_warning(load: float, threads: int) -> str | None:
-    """A note when other work already holds the cores this benchmark wants."""
-    cores = os.cpu_count() or 1
-    if load + threads > cores + 0.5:
-        return (f"note: 1-min load average {load:.1f} on {cores} cores with {threads} threads here: "
-                "the machine is shared, timings are noisy (compare ratios; see also the best-of table)")  # fmt: skip
-    return None
 
 
 def _table(results: list[Result], numbers: list[dict[str, float]]) -> list[str]:

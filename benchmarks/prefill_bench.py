@@ -25,10 +25,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.engine import Engine, EngineConfig  # noqa: E402
-from cluster.inprocess import build_engine  # noqa: E402
-from cluster.messages import GenerateRequest, RequestOutput, SamplingParams  # noqa: E402
-from cluster.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.assembly.build import build_instance  # noqa: E402
+from cluster.assembly.manifest import parse_manifest  # noqa: E402
+from cluster.assembly.model_cache import ensure_preset_checkpoint  # noqa: E402
+from cluster.engine.engine import Engine  # noqa: E402
+from cluster.engine.requests import GenerateRequest, RequestOutput  # noqa: E402
+from workers.step import SamplingParams  # noqa: E402
 
 
 def prefill_seconds(engine: Engine, n: int, uid: str, gen: torch.Generator) -> float:
@@ -64,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.tokens.split(",")]
     sizes = [int(x) for x in args.workers.split(",")]
     ckpt = ensure_preset_checkpoint(args.preset)
-    cfg = EngineConfig(max_batch_tokens=args.chunk, max_model_len=max(lengths) + 8)
+    scheduler = {"max_batch_tokens": args.chunk, "max_model_len": max(lengths) + 8, "prefix_cache": False,
+                 "kv_cache_bytes": int(args.kv_gib * 2**30)}  # fmt: skip
     setups = [(w, cp) for w in sizes for cp in ((False,) if w == 1 else (False, True))]
     seconds: dict[tuple[int, bool, int], float] = {}
     gen = torch.Generator().manual_seed(0)
     bar = tqdm(total=len(setups) * len(lengths), desc="prefill runs", unit="run")
     for w, cp in setups:
-        engine = build_engine(ckpt, engine_config=cfg, dtype=torch.float32, kv_cache_bytes=int(args.kv_gib * 2**30),
-                              progress=False, workers=w, context_parallel_min_tokens=w if cp else 0)  # fmt: skip
+        manifest = parse_manifest({"model": {"dtype": "float32"}, "scheduler": scheduler,
+                                   "instance": {"workers": w, "context_parallel_min_tokens": w if cp else 0}})
+        engine = build_instance(manifest, checkpoint=ckpt)
         prefill_seconds(engine, 256, "warmup", gen)
         for n in lengths:
             seconds[w, cp, n] = prefill_seconds(engine, n, f"w{w}-{cp}-{n}", gen)

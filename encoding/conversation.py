@@ -1,6 +1,6 @@
 """Conversation preprocessing: OpenAI-style messages -> the turns the V4 renderer walks.
 
-Three steps, in the official encoder's order (SPEC 11.3):
+Three steps, in the official encoder's order (docs/model.md §11.3):
   1. merge: every ``tool`` message becomes a tool_result block of a user turn, and
      consecutive user / tool messages collapse into one user turn;
   2. sort: tool_result blocks follow the order of the calling assistant's ``tool_calls``;

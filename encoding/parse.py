@@ -1,7 +1,7 @@
 """``parse_message_from_completion_text``: one finished completion -> an assistant message.
 
-Accepts exactly what DeepSeek's official parser accepts and returns the same dict (SPEC
-11.5). The completion is what the model generated after the prompt's ``<｜Assistant｜>``
+Accepts exactly what DeepSeek's official parser accepts and returns the same dict (docs/model.md
+§11.5). The completion is what the model generated after the prompt's ``<｜Assistant｜>``
 prefix: in thinking mode ``reasoning</think>content``, then optionally a DSML tool-call
 block, then EOS. Where the official parser asserts, this raises ``CompletionParseError``
 with the character position and the reason.

@@ -1,6 +1,6 @@
 """``encode_messages``: an OpenAI-style conversation -> the DeepSeek-V4 prompt string.
 
-Byte-for-byte compatible with DeepSeek's official ``encoding_dsv4.py`` (SPEC section 11.3).
+Byte-for-byte compatible with DeepSeek's official ``encoding_dsv4.py`` (docs/model.md §11.3).
 Where the official encoder fails (assertion, KeyError, TypeError, ...) this raises
 ``EncodingError`` naming the message and the reason instead.
 """

@@ -29,7 +29,7 @@ VOCAB_SIZE = 129280  # rows of the embedding / LM head
 BOS_ID = 0
 EOS_ID = 1
 
-# SPEC section 12; checked against the loaded file.
+# docs/model.md §12; checked against the loaded file.
 SPECIAL_TOKEN_IDS: dict[str, int] = {
     T.BOS: BOS_ID,
     T.EOS: EOS_ID,

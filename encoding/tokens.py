@@ -1,4 +1,4 @@
-"""Special strings and fixed prompt texts of the DeepSeek-V4 chat format (SPEC section 11.1).
+"""Special strings and fixed prompt texts of the DeepSeek-V4 chat format (docs/model.md §11.1).
 
 The bar in the special tokens is U+FF5C (fullwidth vertical line) and the "space" is U+2581.
 """

@@ -1,10 +1,14 @@
-"""Triton kernels for the hot paths, each beside a pure-torch reference (DESIGN §10).
+"""kernels: Triton kernels for the hot paths, each beside a pure-torch reference, and the
+number formats they read (docs/architecture.md §10). The bottom floor: imports nothing else
+of the project.
 
 `kernels/<name>.py` holds the kernel, its launcher `<name>_triton` and `<name>_ref` (same
-signature; the CPU path). The functions below dispatch: Triton when every tensor is on
-CUDA and Triton imports, else the reference. `DSV4_KERNELS=ref|triton` forces one side;
-`triton` with CPU tensors runs Triton's interpreter (for tests). Importing this package
-never needs Triton.
+signature; the CPU path) built from the pure-torch math beside it (`rmsnorm_rope.rms_scale`,
+`rmsnorm_rope.apply_rope`, which the model also calls unfused, `sinkhorn.sinkhorn`). `kernels/quant.py`
+holds the checkpoints' number formats and the QAT simulation. The functions below dispatch:
+Triton when every tensor is on CUDA and Triton imports, else the reference.
+`DSV4_KERNELS=ref|triton` forces one side; `triton` with CPU tensors runs Triton's
+interpreter (for tests). Importing this package never needs Triton.
 
 These dispatchers shadow the submodules of the same name as package attributes: import
 a module's own functions as `from kernels.sparse_attention import sparse_attention_ref`.

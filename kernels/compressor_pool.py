@@ -1,4 +1,4 @@
-"""Compressor pooling: gated softmax pooling of complete blocks into one entry each (SPEC §4.3).
+"""Compressor pooling: gated softmax pooling of complete blocks into one entry each (docs/model.md §4.3).
 
 Legend: n complete blocks, r = ratio rows per block, c compressor width, coff = 2 with
 overlap (ratio 4) else 1. All fp32; scores already include the position bias `ape`.
@@ -7,7 +7,7 @@ overlap (ratio 4) else 1. All fp32; scores already include the position bias `ap
     overlap:     slots = prev[b, :, :c] (r rows) then cur[b, :, c:] (r rows); same formula (2r slots)
 
 A block with no previous block (block 0) passes prev_kv 0 and prev_score -inf. This is
-`workers.attention.Compressor._emit` up to, not including, its RMSNorm. The kernel runs one
+`workers.compressor.Compressor._emit` up to, not including, its RMSNorm. The kernel runs one
 online softmax per channel over row tiles, so a ratio-128 block never sits in registers whole.
 """
 

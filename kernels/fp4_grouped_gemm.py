@@ -1,4 +1,4 @@
-"""Grouped GEMM over expert-sorted rows with FP4 (e2m1) expert weights (SPEC §6, §8).
+"""Grouped GEMM over expert-sorted rows with FP4 (e2m1) expert weights (docs/model.md §6, §8).
 
 Legend: P rows sorted by expert, K input dim (K % 32 == 0), N output dim, E experts.
 Rows offsets[e]:offsets[e+1] use expert e:
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import cdiv, interpreting, kernel, next_pow2, tl
-from workers.quant import FP4_WEIGHT_BLOCK, dequant_fp4_weight
+from kernels.quant import FP4_WEIGHT_BLOCK, dequant_fp4_weight
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -46,7 +46,7 @@ def fp4_grouped_gemm_ref(
 ) -> torch.Tensor:  # fmt: skip
     """x [P, K] fp32/bf16, packed [E, N, K/2] uint8, scale [E, N, K/32] e8m0, offsets [E+1] -> [P, N] in x's dtype.
 
-    Dequantizes one expert at a time (workers.quant) and multiplies in fp32.
+    Dequantizes one expert at a time (kernels.quant) and multiplies in fp32.
     """
     _check(x, packed, scale, offsets)
     o = _output(x, packed.shape[1], out)

@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM with per-token activation quantization (SPEC §8).
+"""FP8 block-scaled GEMM with per-token activation quantization (docs/model.md §8).
 
 Legend: M rows (tokens), K input dim, N output dim; blocks of 128.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import cdiv, interpreting, kernel, tl
-from workers.quant import FP8_WEIGHT_BLOCK, act_qdq, dequant_fp8_weight
+from kernels.quant import FP8_WEIGHT_BLOCK, act_qdq, dequant_fp8_weight
 
 _E8M0 = (torch.uint8, torch.float8_e8m0fnu)
 

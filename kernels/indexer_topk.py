@@ -1,4 +1,4 @@
-"""Lightning-indexer scores fused with top-k selection (SPEC §4.4).
+"""Lightning-indexer scores fused with top-k selection (docs/model.md §4.4).
 
 Legend: T queries, nI indexer heads, cI indexer head dim, N key entries, k picks; paged:
 B rows (one decode query per sequence), R pool rows, P pages per table, epp entries per page.

@@ -1,4 +1,4 @@
-"""Fused RMSNorm + interleaved RoPE on the last rd dims (SPEC §4.1, §5).
+"""Fused RMSNorm + interleaved RoPE on the last rd dims (docs/model.md §4.1, §5).
 
 Legend: T tokens, H heads (absent for kv), D head dim, rd = 2 * cos.shape[1] rope dims.
 
@@ -6,7 +6,9 @@ Legend: T tokens, H heads (absent for kv), D head dim, rd = 2 * cos.shape[1] rop
     y = x * rsqrt(mean(x^2) + eps).to(x.dtype)                                  (weight None: q's per-head norm)
     y[..., D-rd:] rotated: pairs (2i, 2i+1) by the angle of cos[t, i], sin[t, i], in fp32, back to x's dtype
 
-matching workers.layers (RMSNorm / rms_scale, then apply_rope) rounding step for rounding.
+matching the model's RMSNorm (workers.layers) or `rms_scale`, then `apply_rope`, rounding step
+for rounding. `rms_scale` and `apply_rope` are that math in pure torch; the model also calls
+`apply_rope` on its own (rotations not preceded by a norm).
 """
 
 from __future__ import annotations
@@ -14,7 +16,28 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import cdiv, kernel, next_pow2, tl
-from workers.layers import apply_rope, rms_scale
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalisation over the last dim (q's per-head norm), in x's dtype."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the last rd dims of x [T, ..., D] with interleaved pairs (2i, 2i+1).
+
+    cos/sin are [T, rd/2]; `inverse` applies the conjugate rotation (output de-rotation).
+    Computed in fp32 and returned in x's dtype; the first D - rd dims are untouched.
+    """
+    rd = 2 * cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    if inverse:
+        s = -s
+    rot = x[..., -rd:].float().unflatten(-1, (-1, 2))
+    x0, x1 = rot[..., 0], rot[..., 1]
+    rotated = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-rd], rotated.to(x.dtype)), dim=-1)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -1,11 +1,13 @@
-"""Sinkhorn projection of the mHC residual-mixing logits (SPEC §3).
+"""Sinkhorn projection of the mHC residual-mixing logits (docs/model.md §3).
 
 Legend: T tokens, n = hc_mult streams (4). Per token, in this exact order (fp32):
 
     M = softmax(C, rows) + eps;  M = M / (col sums + eps)
     repeat iters - 1 times:  M = M / (row sums + eps);  M = M / (col sums + eps)
 
-The kernel holds [BLOCK_T, n, n] matrices in registers for all iterations: one read, one write.
+`sinkhorn` is that math in pure torch (any leading dims); `sinkhorn_ref` checks its arguments
+and runs it in fp32. The kernel holds [BLOCK_T, n, n] matrices in registers for all iterations:
+one read, one write.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import cdiv, kernel, next_pow2, tl
-from workers.layers import sinkhorn
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Project [..., n, n] logits toward a doubly stochastic matrix (docs/model.md §3, exact op order)."""
+    m = logits.softmax(dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
 
 
 def _check(logits: torch.Tensor, iters: int) -> None:
@@ -30,7 +41,7 @@ def _output(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def sinkhorn_ref(logits: torch.Tensor, iters: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [T, n, n] -> fp32 [T, n, n]; the model's `workers.layers.sinkhorn`."""
+    """logits [T, n, n] -> fp32 [T, n, n]; `sinkhorn` above, in fp32."""
     _check(logits, iters)
     o = _output(logits, out)
     o.copy_(sinkhorn(logits.float(), iters, eps))

@@ -1,4 +1,4 @@
-"""Sparse attention with a sink over gathered key rows (SPEC §4.6).
+"""Sparse attention with a sink over gathered key rows (docs/model.md §4.6).
 
 Legend: T queries, H heads, D head dim, N key/value rows, L gathered rows per query.
 K and V are the same row of `kv` (one shared head). Per query t and head h:

@@ -1,39 +1,9 @@
-"""router: the expert-parallel data plane (SPEC §6, DESIGN §4).
+"""router: the expert-parallel data plane (docs/model.md §6, docs/architecture.md §4).
 
-Routing (`route`), expert placement (`ExpertPlacement`), `dispatch`/`combine` of token rows
-to the workers that hold the chosen experts, over a `Communicator` chosen by name
-(`local`, `gloo`, `nccl`), and `moe_reference`, the single-worker oracle of dispatch∘combine.
+Routing (`route`, and `router.gate.Gate`, the model's gate module), expert placement
+(`ExpertPlacement`), `dispatch`/`combine` of token rows to the workers that hold the chosen
+experts, over a `Communicator` chosen by name (`local`, `gloo`, `nccl`), and
+`moe_reference`, the single-worker oracle of dispatch∘combine. Imports only router/ and
+kernels/ of the project. Import from the modules: `comm` (communicators, `run_local`),
+`dispatch`, `gate`, `placement`, `stats`, `names` (the communicator names, without torch).
 """
-
-from __future__ import annotations
-
-from router.comm import (
-    COMMUNICATORS,
-    CollectiveTimeoutError,
-    Communicator,
-    DistCommunicator,
-    LocalCommunicator,
-    LocalGroup,
-    make_communicator,
-    run_local,
-)
-from router.dispatch import DispatchHandle, combine, dispatch, moe_reference
-from router.gate import route
-from router.placement import ExpertPlacement
-
-__all__ = [
-    "COMMUNICATORS",
-    "CollectiveTimeoutError",
-    "Communicator",
-    "DispatchHandle",
-    "DistCommunicator",
-    "ExpertPlacement",
-    "LocalCommunicator",
-    "LocalGroup",
-    "combine",
-    "dispatch",
-    "make_communicator",
-    "moe_reference",
-    "route",
-    "run_local",
-]

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 import torch.distributed as dist
 
-COMMUNICATORS = ("local", "gloo", "nccl")
+from router.names import COMMUNICATORS
 
 R = TypeVar("R")
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 hybrid attention (SPEC §4): sliding window + CSA (ratio 4, lightning
+"""DeepSeek-V4 hybrid attention (docs/model.md §4): sliding window + CSA (ratio 4, lightning
 indexer, top-k) + HCA (ratio 128, all entries), one softmax with a sink per head.
 
 Legend: T tokens of the flat batch, S tokens of one sequence's chunk, H heads,
@@ -8,17 +8,19 @@ heads/dims. Positions are absolute raw-token positions of each sequence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import kernels
+from kernels.quant import fp8_qdq
+from kernels.rmsnorm_rope import apply_rope
+from workers.compressor import Compressor
 from workers.config import ModelConfig
-from workers.kv_pool import CompressorPool, LayerPool, StepView
-from workers.layers import Linear, RMSNorm, apply_rope
-from workers.quant import fp4_qdq, fp8_qdq, hadamard
+from workers.indexer import Indexer
+from workers.kv_pool import LayerPool, StepView
+from workers.layers import Linear, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -51,203 +53,9 @@ class ChunkRows:
         return cls(q[r], kv[r], positions[r], pick(comp), pick(idx_q), pick(idx_comp))
 
 
-def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Columns of the k largest scores per row [R, W] -> [R, k], largest first, ties to the
-    earlier column: what a stable descending sort's first k columns are, without sorting W.
-
-    torch.topk picks a set; it is the right one unless the row's (k+1)-th score equals its
-    k-th (then topk broke a tie in no particular order). Those rows
-    (rare with real scores; rows with fewer than k visible entries, all -inf past them)
-    take the exact path: every score above the k-th value, then the earliest of those
-    equal to it. The k picked columns are then ordered by score, ties by column."""
-    if k == 0 or scores.shape[1] <= k:
-        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    vals, cols = torch.topk(scores, k + 1, dim=1)  # one more: a tie across the cut shows as vals[k] == vals[k-1]
-    kth, cols = vals[:, k - 1 : k], cols[:, :k]
-    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
-    if tied.numel():
-        sub = scores[tied]
-        above, equal = sub > kth[tied], sub == kth[tied]
-        need = k - above.sum(dim=1, keepdim=True)
-        take = above | (equal & (equal.cumsum(dim=1) <= need))
-        cols[tied] = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k columns, in column order
-    cols = cols.sort(dim=1).values  # by column, so the stable sort below breaks ties by column
-    order = torch.sort(scores.gather(1, cols), dim=-1, descending=True, stable=True).indices
-    return cols.gather(1, order)
-
-
 def _block_rows(gathered_per_row: int) -> int:
     """Query rows per attention block: 128, fewer when each row gathers many entries (~16 MiB a block)."""
     return max(1, min(128, (1 << 22) // max(1, gathered_per_row)))
-
-
-class Compressor(nn.Module):
-    """Gated pooling of `ratio` consecutive tokens into one entry (SPEC §4.3).
-
-    ratio 4 overlaps: entry j pools the first half of block j-1 and the second half of
-    block j (2*ratio slots); ratio 128 pools its own block. `rotate` marks the indexer's
-    compressor (Hadamard + FP4 simulation instead of FP8 on the non-RoPE dims).
-    """
-
-    def __init__(self, cfg: ModelConfig, ratio: int, width: int, rotate: bool) -> None:
-        super().__init__()
-        self.ratio, self.width, self.rotate = ratio, width, rotate
-        self.overlap = ratio == 4
-        coff = 2 if self.overlap else 1
-        self.rd = cfg.qk_rope_head_dim
-        self.wkv = Linear(cfg.hidden_size, coff * width, torch.float32)
-        self.wgate = Linear(cfg.hidden_size, coff * width, torch.float32)
-        self.ape = nn.Parameter(torch.empty(ratio, coff * width, dtype=torch.float32), requires_grad=False)
-        self.norm = RMSNorm(width, cfg.rms_norm_eps)
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d] -> (kv, score) [T, coff*c] fp32, for the whole flat batch at once."""
-        xf = x.float()
-        return self.wkv(xf), self.wgate(xf)
-
-    def update(
-        self, pool: CompressorPool, slot: int, page_table: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
-        pos0: int, inv_freq: torch.Tensor, simulate_quant: bool,
-    ) -> int:  # fmt: skip
-        """Feed one sequence's chunk projections [S, coff*c] at positions pos0...: write the
-        entries of every block the chunk completes, keep the chunk's tail in the ring.
-        Returns the sequence's number of entries after the chunk."""
-        r, ring = self.ratio, pool.ring
-        end = pos0 + kv.shape[0]
-        dev = kv.device
-        score = score + self.ape[torch.arange(pos0, end, device=dev) % r]
-        k0, k1 = pos0 // r, end // r  # blocks k0 .. k1-1 complete in this chunk
-        if k1 > k0:
-            first = (k0 - 1) * r if self.overlap else k0 * r  # first position those blocks read
-            held = torch.arange(max(first, 0), pos0, device=dev) % ring
-            rows_kv = torch.cat((pool.ring_kv[slot, held], kv))[: k1 * r - max(first, 0)]
-            rows_score = torch.cat((pool.ring_score[slot, held], score))[: k1 * r - max(first, 0)]
-            if first < 0:  # block 0 has no previous block: it pools (0, -inf)
-                rows_kv = torch.cat((torch.zeros_like(rows_kv[:r]), rows_kv))
-                rows_score = torch.cat((torch.full_like(rows_score[:r], float("-inf")), rows_score))
-            rows_kv, rows_score = rows_kv.unflatten(0, (-1, r)), rows_score.unflatten(0, (-1, r))
-            ids = torch.arange(k0, k1, device=dev)
-            if self.overlap:
-                entries = self._emit(rows_kv[1:], rows_score[1:], rows_kv[:-1], rows_score[:-1], ids * r,
-                                     inv_freq, simulate_quant, pool.dtype)  # fmt: skip
-            else:
-                entries = self._emit(rows_kv, rows_score, None, None, ids * r, inv_freq, simulate_quant, pool.dtype)
-            pool.write(page_table, ids, entries)
-        keep = torch.arange(max(pos0, end - ring), end, device=dev)
-        pool.ring_kv[slot, keep % ring] = kv[keep - pos0]
-        pool.ring_score[slot, keep % ring] = score[keep - pos0]
-        return k1
-
-    def update_rows(
-        self, pool: CompressorPool, view: StepView, kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor,
-        inv_freq: torch.Tensor, simulate_quant: bool,
-    ) -> None:  # fmt: skip
-        """Decode: one new row per sequence (kv/score [B, coff*c] at `positions` [B]); the
-        blocks completed this step are pooled together in one batch."""
-        r, ring = self.ratio, pool.ring
-        score = score + self.ape[positions % r]
-        pool.ring_kv[view.slots, positions % ring] = kv
-        pool.ring_score[view.slots, positions % ring] = score
-        closing = ((positions + 1) % r == 0).nonzero().squeeze(1)
-        if closing.numel() == 0:
-            return
-        last = positions[closing]
-        held = last[:, None] + 1 - ring + torch.arange(ring, device=kv.device)  # the positions each closing block reads
-        slots = view.slots[closing, None]
-        rows_kv, rows_score = pool.ring_kv[slots, held % ring], pool.ring_score[slots, held % ring]
-        prev_kv = prev_score = None
-        if self.overlap:  # [previous block | this block]; block 0's previous block is (0, -inf)
-            before = (held < 0)[..., None]
-            rows_kv = rows_kv.masked_fill(before, 0.0)
-            rows_score = rows_score.masked_fill(before, float("-inf"))
-            prev_kv, prev_score = rows_kv[:, :r], rows_score[:, :r]
-            rows_kv, rows_score = rows_kv[:, r:], rows_score[:, r:]
-        entries = self._emit(rows_kv, rows_score, prev_kv, prev_score, last + 1 - r, inv_freq, simulate_quant,
-                             pool.dtype)  # fmt: skip
-        pool.write(view.page_table[closing], ((last + 1) // r - 1)[:, None], entries)
-
-    def _emit(
-        self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None, prev_score: torch.Tensor | None,
-        starts: torch.Tensor, inv_freq: torch.Tensor, simulate_quant: bool, dtype: torch.dtype,
-    ) -> torch.Tensor:  # fmt: skip
-        """Complete blocks [n, r, coff*c] (+ their previous blocks when overlapping) -> entries [n, c].
-
-        With overlap, the 2r slots are the previous block's first half then this block's
-        second half; softmax over slots per channel; RMSNorm; RoPE at the block start;
-        then the FP8 (main) or Hadamard + FP4 (indexer) simulation."""
-        pooled = kernels.compressor_pool(kv, score, prev_kv, prev_score)  # [n, c]
-        entries = self.norm(pooled.to(dtype))
-        angles = starts.float()[:, None] * inv_freq[None, :]
-        entries = apply_rope(entries, angles.cos(), angles.sin())
-        return self._simulate_quant(entries) if simulate_quant else entries
-
-    def _simulate_quant(self, entries: torch.Tensor) -> torch.Tensor:
-        if self.rotate:
-            return fp4_qdq(hadamard(entries), 32)
-        nope = fp8_qdq(entries[..., : -self.rd], 64)
-        return torch.cat((nope, entries[..., -self.rd :]), dim=-1)
-
-
-class Indexer(nn.Module):
-    """Lightning indexer (SPEC §4.4): picks the top-k visible ratio-4 entries per query."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, dtype)
-        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True)
-        self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
-
-    def queries(
-        self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, simulate_quant: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat batch: (q [T, nI, cI], head weights [T, nI] fp32)."""
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin)
-        if simulate_quant:
-            q = fp4_qdq(hadamard(q), 32)
-        w = self.weights_proj(x).float() * self.weight_scale
-        return q, w
-
-    def select(
-        self, q: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, read: Callable[[int, int], torch.Tensor],
-        tile: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """q [R, nI, cI], w [R, nI]; row r sees its first counts[r] keys; `read(a, b)` gives keys
-        a..b-1, shared by every row [b-a, cI] (one sequence's prefill chunk) or per row
-        [R, b-a, cI] (a decode batch) -> picked entries [R, k] (-1 = none).
-
-        score[r, j] = sum_h w[r, h] * relu(q[r, h] . keys[j]). Keys are read and scored
-        `tile` at a time (default 16384) with a running top-k, and rows in blocks, so memory
-        is bounded (~64 MiB of scores), never [R, N/4] (a 1M-token sequence has 262144
-        keys). Ties keep the earlier entry (the running best come first in each stable
-        selection), so any chunking or tiling picks the same set."""
-        rows, dev = q.shape[0], q.device
-        n = int(counts.max()) if counts.numel() else 0
-        k = min(self.topk, n)
-        best_s = torch.empty(rows, 0, device=dev)
-        best_i = torch.empty(rows, 0, dtype=torch.int64, device=dev)
-        qf = q.float()
-        tile = tile or 1 << 14  # a power of two: whole pages; longer tiles measured slower (topk on long rows)
-        for t0 in range(0, n, tile):
-            ids = torch.arange(t0, min(n, t0 + tile), device=dev)
-            keys = read(t0, t0 + ids.shape[0]).float()
-            block = max(1, (1 << 24) // (self.n_heads * ids.shape[0]))
-            parts = []
-            for b0 in range(0, rows, block):
-                b = slice(b0, b0 + block)
-                kb = keys if keys.dim() == 2 else keys[b]
-                s = torch.einsum("bhc,nc->bhn" if kb.dim() == 2 else "bhc,bnc->bhn", qf[b], kb).relu_()
-                s = torch.einsum("bhn,bh->bn", s, w[b])
-                if ids[-1] >= counts[b].min():  # some row does not see the whole tile
-                    s.masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))
-                top = top_k_stable(s, min(k, s.shape[1]))  # the tile's best, then merged with the running best
-                s, i = torch.cat((best_s[b], s.gather(1, top)), dim=1), torch.cat((best_i[b], ids[top]), dim=1)
-                order = top_k_stable(s, k)
-                parts.append((s.gather(1, order), i.gather(1, order)))
-            best_s, best_i = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return torch.where(best_s > float("-inf"), best_i, -1)
 
 
 class Attention(nn.Module):

@@ -1,10 +1,10 @@
-"""Reading and writing checkpoints in the official DeepSeek-V4 layout (SPEC §9).
+"""Reading and writing checkpoints in the official DeepSeek-V4 layout (docs/model.md §9).
 
 A checkpoint directory holds `config.json` and either one `model.safetensors` or shards listed
 in `model.safetensors.index.json` ({"metadata": {"total_size": N}, "weight_map": {name: file}}).
 Tensor names have no `model.` prefix. An FP8 or FP4 weight `<base>.weight` has a sibling ue8m0
 scale `<base>.scale` (older releases: `<base>.weight_scale_inv`); the reader hides scales and
-hands out dequantized logical tensors. Formats are in `workers.quant`.
+hands out dequantized logical tensors. Formats are in `kernels.quant`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from workers.errors import CheckpointError  # noqa: F401  (re-exported: workers.checkpoint.CheckpointError)
-from workers.quant import (
+from kernels.quant import (
     FP4_WEIGHT_BLOCK,
     dequant_fp4_weight,
     dequant_fp8_weight,
     quant_fp4_weight,
     quant_fp8_weight,
 )
+from workers.errors import CheckpointError  # noqa: F401  (re-exported: workers.checkpoint.CheckpointError)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

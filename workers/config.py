@@ -1,6 +1,6 @@
 """`ModelConfig`: the checkpoint's HF `config.json`, field for field, validated.
 
-Field names are the HF names (see `../shared/reference-config-v4-pro.json`); the
+Field names are the HF names (see `tests/data/reference-config-v4-pro.json`); the
 reference code's names are in the comments. Every behaviour is a named field: nothing
 is inferred from a dimension.
 """

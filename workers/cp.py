@@ -1,8 +1,8 @@
-"""Context-parallel prefill (DESIGN §6): one long prompt's chunk split over the W workers
+"""Context-parallel prefill (docs/architecture.md §6): one long prompt's chunk split over the W workers
 of a prefill instance, each running every layer on its own consecutive rows, so a prompt
 of N tokens takes about 1/W of the attention time.
 
-Applied from outside the model (STYLE 5): `apply_context_parallel(model, comm)` gives
+Applied from outside the model (docs/style.md §5): `apply_context_parallel(model, comm)` gives
 every attention layer a `ContextParallel`; a batch marks the sequence whose chunk is
 split (`SeqSlice.chunk`, built by `cp_batch`). Ranks hold parts in rank order: rank r has
 positions [a_r, b_r), a_0 = the chunk start, b_{W-1} = its end, every part non-empty.

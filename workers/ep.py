@@ -1,7 +1,7 @@
 """Expert parallelism applied from outside the model: a worker's MoE layers dispatch their
 tokens to the workers that own the chosen experts and combine the results.
 
-The model itself is unchanged (STYLE 5): `apply_expert_parallel` swaps each block's
+The model itself is unchanged (docs/style.md §5): `apply_expert_parallel` swaps each block's
 `ffn` for an `EPMoE` that wraps it, keeping the gate, this worker's experts and the
 shared expert, and adding the all-to-all.
 

@@ -1,5 +1,5 @@
 """How a prefilled request's state leaves its worker and reaches a decode worker (KV
-handoff, DESIGN §2), behind one interface: a `Carrier`.
+handoff, docs/architecture.md §2), behind one interface: a `Carrier`.
 
 A prefill-only request's last prompt chunk is marked in its step's plan
 (`StepPlan.exports`); its worker hands each layer's part of the state (`LayerState`: the
@@ -10,7 +10,8 @@ instance to the decode instance is the carrier's ticket, and the decode worker f
 the layers from it just before it imports them into its pool:
 
 - `Carrier` (the reference, in one process): the ticket is the state itself (`SeqExport`).
-- `ObjectStoreCarrier` (Ray actors): each layer is put in the Ray object store by the
+- `ObjectStoreCarrier` (Ray actors; in cluster/backends/ray_handoff.py, as Ray is
+  imported only under cluster/): each layer is put in the Ray object store by the
   prefill actor; the ticket (`StateRefs`) holds the object refs and the state's layout,
   a few hundred bytes, so the driver never holds the state, and the decode actor pulls
   the layers from the store itself. The prefill actor owns the objects: if it dies before
@@ -20,14 +21,16 @@ the layers from it just before it imports them into its pool:
   copy out of its pool) and the decode worker pulls them with torch.distributed send/recv
   over a two-rank group between the two workers (nccl for CUDA tensors, gloo for CPU
   ones), opened on first use and kept per pair. The ticket (`PulledState`) names the
-  holder (`Endpoint`: a Ray actor handle, or a thread in this process) and a key. (Ray's
-  own direct transport was weighed: in Ray 2.60 it cannot pass refs nested in a plan,
-  `ray.put` does not take gloo/nccl, and an actor joins one collective group per backend.)
+  holder (`Endpoint`: a Ray actor, cluster/backends/ray_handoff.py, or a thread in this
+  process) and a key. (Ray's own direct transport was weighed: in Ray 2.60 it cannot
+  pass refs nested in a plan, `ray.put` does not take gloo/nccl, and an actor joins one
+  collective group per backend.)
 
 Every ticket has `num_tokens`, its layout (`layout_of`: per layer, the (shape, dtype) of
 each tensor, checked before the decode side allocates anything), `nbytes()` and
 `fetch(timeout)`; `discard(ticket)` lets go of one that will not be fetched (a request
-refused or ended before its import), so its holder frees it at once.
+refused or ended before its import: its `discard()`, where it has one), so its holder
+frees it at once.
 """
 
 from __future__ import annotations
@@ -67,19 +70,19 @@ def layer_bytes(piece: LayerState) -> int:
 
 def discard(ticket: Any) -> None:
     """Let go of a ticket that will not be fetched (best effort, never raises, never waits)."""
-    if isinstance(ticket, PulledState):
+    drop = getattr(ticket, "discard", None)
+    if drop is not None:
         try:
-            ticket.source.call("drop", ticket.key)  # not waited for
+            drop()  # not waited for
         except Exception:  # noqa: BLE001 - a dead holder has dropped it already
             pass
 
 
 def layout_of(state: Any) -> Layout | None:
     """A ticket's layout, or None when `state` is not a ticket with well-formed layers."""
-    if isinstance(state, StateRefs | PulledState):
-        return state.layout
-    if not isinstance(state, SeqExport):
-        return None
+    if not isinstance(state, SeqExport):  # a ticket of a carrier that sends: it knows its layout
+        layout = getattr(state, "layout", None)
+        return layout if isinstance(layout, list) else None
     if not isinstance(state.slot_state, list | tuple) or not isinstance(state.entries, list | tuple):
         return None
     n = max(len(state.slot_state), len(state.entries))  # a layer missing from one list shows as [None]
@@ -104,46 +107,6 @@ class Carrier:
     def fetch(self, ticket: Any, timeout: float) -> SeqExport:
         """The decode side: the state a ticket stands for, here (`HandoffFetchError` if it cannot come)."""
         return ticket.fetch(timeout)
-
-
-class ObjectStoreCarrier(Carrier):
-    """Each layer goes to the Ray object store from the worker that computed it. (CUDA
-    tensors are pickled through the host: between GPU workers use `CollectiveCarrier`.)"""
-
-    name = "object_store"
-
-    def ship(self, piece: LayerState) -> Any:
-        import ray
-
-        return ray.put(piece)
-
-    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> StateRefs:
-        return StateRefs(num_tokens, layout, shipped, nbytes)
-
-
-@dataclass
-class StateRefs:
-    """A handed-off state left in the Ray object store: one object per layer."""
-
-    num_tokens: int
-    layout: Layout
-    refs: list[Any]  # ray.ObjectRef per layer, owned by the prefill actor that put them
-    bytes: int
-
-    def nbytes(self) -> int:
-        return self.bytes
-
-    def fetch(self, timeout: float | None = None) -> SeqExport:
-        """Pull every layer (in parallel) from the object store."""
-        import ray
-
-        try:
-            layers = ray.get(list(self.refs), timeout=timeout)
-        except ray.exceptions.GetTimeoutError as e:
-            raise HandoffFetchError(f"fetching the state took more than {timeout:g}s") from e
-        except ray.exceptions.RayError as e:  # the owner (the prefill actor) died: the objects are gone
-            raise HandoffFetchError(f"the state's objects are lost ({type(e).__name__})") from e
-        return SeqExport(self.num_tokens, [s for s, _ in layers], [e for _, e in layers])
 
 
 class Reply(Protocol):
@@ -187,6 +150,9 @@ class PulledState:
 
     def nbytes(self) -> int:
         return self.bytes
+
+    def discard(self) -> None:
+        self.source.call("drop", self.key)
 
     def fetch(self, timeout: float | None = None) -> SeqExport:
         raise HandoffFetchError("a state held by its prefill worker is pulled by a collective carrier; "

@@ -1,4 +1,4 @@
-"""KV cache accounting for DeepSeek-V4's state (DESIGN §5), in raw-token pages.
+"""KV cache accounting for DeepSeek-V4's state (docs/architecture.md §5), in raw-token pages.
 
 Per request and layer V4 keeps: the sliding-window rows (fixed: `window` rows), the
 compressors' open blocks (fixed), compressed entries (one per 4 tokens on CSA layers,

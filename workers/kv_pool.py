@@ -1,4 +1,4 @@
-"""The physical KV pool of DeepSeek-V4's state (DESIGN §5): one set of tensors per layer
+"""The physical KV pool of DeepSeek-V4's state (docs/architecture.md §5): one set of tensors per layer
 shared by every sequence, addressed through slots and page tables.
 
 Per sequence and layer V4 keeps two kinds of state:

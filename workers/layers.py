@@ -1,4 +1,7 @@
-"""Small building blocks of DeepSeek-V4: weights, RMSNorm, interleaved RoPE/YaRN, mHC.
+"""Small building blocks of DeepSeek-V4: weights, RMSNorm, RoPE/YaRN frequencies, mHC.
+
+The pure-torch math the kernels fuse lives beside them: `rms_scale` and `apply_rope` in
+kernels.rmsnorm_rope, `sinkhorn` in kernels.sinkhorn.
 
 Legend: T tokens of a flat batch, n = hc_mult residual streams, d = hidden size,
 H heads, rd = rope dims (the LAST rd dims of a head), mix = (2 + n) * n.
@@ -12,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+from kernels.quant import act_qdq, dequant_fp8_weight, quant_fp8_weight
 from workers.config import RopeScaling
-from workers.quant import act_qdq, dequant_fp8_weight, quant_fp8_weight
 
 
 def default_cpu_dtype() -> torch.dtype:
@@ -31,7 +35,7 @@ def default_cpu_dtype() -> torch.dtype:
 class Linear(nn.Module):
     """A bias-free linear layer whose parameter is called `weight`, as in the checkpoint.
 
-    Quantized checkpoint weights are dequantized at load (SPEC §8); the GEMM runs in
+    Quantized checkpoint weights are dequantized at load (docs/model.md §8); the GEMM runs in
     the weight's dtype, so `x` is cast to it first. A weight stored in FP8 gets the
     official FP8 GEMM's numerics (`act_quant`, set by the loader): activations rounded to
     e4m3 per token and 128 channels first; on the kernel path (GPU) `kernels.fp8_gemm`
@@ -68,8 +72,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act_quant:
             return F.linear(x.to(self.weight.dtype), self.weight)
-        import kernels  # here: kernels/ imports this module for its references
-
         dtype = self.compute_dtype if self.is_packed else self.weight.dtype
         if kernels.use_triton(x):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -100,16 +102,11 @@ class RMSNorm(nn.Module):
         return (self.weight * xf).to(x.dtype)
 
 
-def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMS normalisation over the last dim (q's per-head norm), in x's dtype."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
-
-
 # -- RoPE ---------------------------------------------------------------------------------
 
 
 def rope_inv_freq(rope_dim: int, base: float, yarn: RopeScaling | None) -> torch.Tensor:
-    """[rd/2] fp32 angular frequencies; YaRN interpolation when `yarn` is given (SPEC §5)."""
+    """[rd/2] fp32 angular frequencies; YaRN interpolation when `yarn` is given (docs/model.md §5)."""
     freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
     if yarn is None:
         return freqs
@@ -133,34 +130,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the last rd dims of x [T, ..., D] with interleaved pairs (2i, 2i+1).
-
-    cos/sin are [T, rd/2]; `inverse` applies the conjugate rotation (output de-rotation).
-    Computed in fp32 and returned in x's dtype; the first D - rd dims are untouched.
-    """
-    rd = 2 * cos.shape[-1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    c, s = cos.view(shape), sin.view(shape)
-    if inverse:
-        s = -s
-    rot = x[..., -rd:].float().unflatten(-1, (-1, 2))
-    x0, x1 = rot[..., 0], rot[..., 1]
-    rotated = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return torch.cat((x[..., :-rd], rotated.to(x.dtype)), dim=-1)
-
-
 # -- mHC ----------------------------------------------------------------------------------
-
-
-def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Project [..., n, n] logits toward a doubly stochastic matrix (SPEC §3, exact op order)."""
-    m = logits.softmax(dim=-1) + eps
-    m = m / (m.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(dim=-1, keepdim=True) + eps)
-        m = m / (m.sum(dim=-2, keepdim=True) + eps)
-    return m
 
 
 def _hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -180,9 +150,7 @@ def hc_pre(
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb_logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
-    from kernels import sinkhorn as sinkhorn_kernel  # here: kernels/ imports this module for its references
-
-    comb = sinkhorn_kernel(comb_logits, iters, hc_eps)
+    comb = kernels.sinkhorn(comb_logits, iters, hc_eps)
     u = (pre.unsqueeze(-1) * x.float()).sum(dim=-2)
     return u.to(x.dtype), post, comb
 

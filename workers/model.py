@@ -1,6 +1,6 @@
 """The DeepSeek-V4 transformer in pure torch, over a flat batch of sequence chunks.
 
-Reads in the order of the reference `inference/model.py` (SPEC §2): embed -> n residual
+Reads in the order of the reference `inference/model.py` (docs/model.md §2): embed -> n residual
 streams -> blocks (mHC around attention and MoE) -> HC head -> final norm -> head.
 
 Unlike the reference (one `start_pos` per batch), every sequence brings its own
@@ -105,7 +105,7 @@ class Block(nn.Module):
 
 
 class MTPBlock(Block):
-    """Multi-token prediction block (SPEC §7): a full Block fed with the main model's
+    """Multi-token prediction block (docs/model.md §7): a full Block fed with the main model's
     streams at t and the embedding of token t+1; shares embed and head with the model."""
 
     def __init__(

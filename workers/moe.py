@@ -1,6 +1,6 @@
-"""DeepSeek-V4 mixture of experts (SPEC §6): sqrt-softplus gate with a selection-only
-bias (or hash routing through `tid2eid` on the first layers), clamped SwiGLU experts
-and one shared expert.
+"""DeepSeek-V4 mixture of experts (docs/model.md §6): sqrt-softplus gate with a selection-only
+bias (or hash routing through `tid2eid` on the first layers; the gate is router.gate.Gate),
+clamped SwiGLU experts and one shared expert.
 
 Legend: T tokens, d hidden, I expert width, E routed experts (E_local held here),
 K experts per token.
@@ -13,47 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.quant import act_qdq, dequant_fp4_weight, quant_fp4_weight
+from router.gate import Gate
 from workers.config import ModelConfig
 from workers.layers import Linear
-from workers.quant import act_qdq, dequant_fp4_weight, quant_fp4_weight
 
 _PROJECTIONS = ("w1", "w2", "w3")
-
-
-class Gate(nn.Module):
-    """Scores and picks experts. Hash layers read `tid2eid`; others add `bias` for selection only."""
-
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
-        super().__init__()
-        self.top_k = cfg.num_experts_per_tok
-        self.score_func = cfg.scoring_func
-        self.route_scale = cfg.routed_scaling_factor
-        self.is_hash = layer_id < cfg.num_hash_layers
-        e = cfg.n_routed_experts
-        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size, dtype=torch.float32), requires_grad=False)
-        if self.is_hash:
-            self.register_buffer("tid2eid", torch.empty(cfg.vocab_size, self.top_k, dtype=torch.int64))
-            self.bias = None
-        else:
-            self.bias = nn.Parameter(torch.empty(e, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d], input_ids [T] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
-        scores = F.linear(x.float(), self.weight)
-        if self.score_func == "softmax":
-            scores = scores.softmax(dim=-1)
-        elif self.score_func == "sigmoid":
-            scores = scores.sigmoid()
-        else:
-            scores = F.softplus(scores).sqrt()
-        if self.is_hash:
-            ids = self.tid2eid[input_ids]
-        else:
-            ids = (scores + self.bias).topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.score_func != "softmax":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, ids
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Model shapes for `dsv4 init-model`: tiny (tests), small (benchmarks), and reduced-width
-copies of V4-Flash / V4-Pro's layer pattern. All keep the real vocabulary (129280) so
-the real tokenizer works, and the real window (128) and ratios (4, 128).
+"""Model shapes, one table: the full-size V4-Flash and V4-Pro (`REFERENCE_MODELS`, field
+for field as their checkpoints' config.json; `dsv4 deploy` sizes them), and the presets
+of `dsv4 init-model`: tiny (tests), small (benchmarks), and reduced-width copies of
+V4-Flash / V4-Pro's layer pattern. All keep the real vocabulary (129280) so the real
+tokenizer works, and the real window (128) and ratios (4, 128).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from typing import Any
 
 from workers.config import ModelConfig
 
+ONE_M = 1_048_576  # tokens: V4's full context
 _FLASH_RATIOS = [0, 0, 4] + [128, 4] * 20 + [0]  # 43 layers + MTP
 _PRO_RATIOS = [128, 128, 4] + [128, 4] * 29 + [0]  # 61 layers + MTP
 
@@ -29,7 +32,7 @@ _COMMON: dict[str, Any] = {
     "compress_rope_theta": 160000.0,
     "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                      "beta_fast": 32, "beta_slow": 1},  # fmt: skip
-    "max_position_embeddings": 1048576,
+    "max_position_embeddings": ONE_M,
     "num_nextn_predict_layers": 1,
     "bos_token_id": 0,
     "eos_token_id": 1,
@@ -79,6 +82,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 1.5,
     },
 }  # fmt: skip
+
+
+# What the full-size models share beyond _COMMON (docs/model.md §1).
+_FULL_SIZE: dict[str, Any] = {
+    "num_attention_heads": 64, "head_dim": 512, "index_n_heads": 64, "index_head_dim": 128,
+    "num_experts_per_tok": 6, "num_hash_layers": 3, "expert_dtype": "fp4",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+}  # fmt: skip
+REFERENCE_MODELS: dict[str, dict[str, Any]] = {
+    "v4-flash": {"hidden_size": 4096, "num_hidden_layers": 43, "q_lora_rank": 1024, "o_groups": 8,
+                 "o_lora_rank": 1024, "compress_ratios": _FLASH_RATIOS, "index_topk": 512,
+                 "n_routed_experts": 256, "moe_intermediate_size": 2048, "routed_scaling_factor": 1.5},
+    "v4-pro": {"num_attention_heads": 128, "hidden_size": 7168, "num_hidden_layers": 61,
+               "q_lora_rank": 1536, "o_groups": 16, "o_lora_rank": 1024,
+               "compress_ratios": _PRO_RATIOS, "index_topk": 1024,
+               "n_routed_experts": 384, "moe_intermediate_size": 3072, "routed_scaling_factor": 2.5},
+}  # fmt: skip
+
+
+def full_size_config(name: str) -> ModelConfig:
+    """The ModelConfig of V4-Flash (`v4-flash`) or V4-Pro (`v4-pro`)."""
+    return ModelConfig.from_dict({**_COMMON, **_FULL_SIZE, **REFERENCE_MODELS[name]})
 
 
 def preset_config(name: str) -> ModelConfig:

@@ -29,7 +29,7 @@ _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w[12
 _BLOCK = re.compile(r"^((?:layers|mtp)\.\d+)\.")
 _FP32_KINDS = ("hc_", "attn_sink", ".ape", ".gate.bias")
 # Linears whose weight a module reads directly (Attention._project_out's grouped einsum), not
-# through Linear.forward: they stay dequantized (SPEC §8 keeps wo_a in bf16).
+# through Linear.forward: they stay dequantized (docs/model.md §8 keeps wo_a in bf16).
 _READ_AS_WEIGHT = re.compile(r"(?:^|\.)attn\.wo_a$")
 _Expected = tuple[tuple[int, ...], torch.dtype]
 
@@ -97,7 +97,7 @@ def _by_layer(expected: dict[str, _Expected]) -> list[dict[str, _Expected]]:
 
 
 def pack_quantized_weights(model: nn.Module) -> int:
-    """Keep only the packed form of the weights the kernels read (issue #7; SPEC §8): e4m3 +
+    """Keep only the packed form of the weights the kernels read (issue #7; docs/model.md §8): e4m3 +
     ue8m0 128x128 scales for each FP8 `Linear` with `act_quant`, packed e2m1 + ue8m0 per-32
     scales for each FP4 `ExpertGroup` (its `expert_ids` only); their dequantized copies are
     freed. The packing is the kernel path's re-quantization (exact: power-of-two scales), so
@@ -126,7 +126,7 @@ def resident_weight_bytes(model: nn.Module) -> int:
 
 def _mark_quantized(model: Transformer, formats: dict[str, str]) -> None:
     """Give the GEMMs of weights stored in FP8/FP4 the official numerics (activation quant,
-    SPEC §8) when the model simulates quantization, and tell expert groups their format."""
+    docs/model.md §8) when the model simulates quantization, and tell expert groups their format."""
     for name, kind in formats.items():
         if kind not in ("fp8", "fp4"):
             continue

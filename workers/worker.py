@@ -1,7 +1,7 @@
 """The model worker: owns a model and its requests' state, runs one `StepPlan` per call.
 
 Plain class; the in-process backend calls it directly and the Ray backend wraps it
-(`ray.remote` lives in one place, cluster/backends).
+(`ray.remote` lives in one place, cluster/backends/ray_group.py).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from cluster.messages import SamplingParams, StepPlan, StepResult, TokenLogprob
 from router.stats import LayerStats
 from workers.ep import count_routing
 from workers.handoff import Carrier, HandoffFetchError, discard, layer_bytes, layout_of, signature
 from workers.kv_pool import KVPool, SeqExport, SeqState, Snapshot
 from workers.model import Batch, Transformer, grows_by
 from workers.sampler import SamplingBatch, sample
+from workers.step import SamplingParams, StepPlan, StepResult, TokenLogprob
 
 
 class ModelWorker:

@@ -53,7 +53,7 @@ def ray_cluster(tmp_path_factory):
 def groups(ray_cluster, tiny_checkpoint):
     """A prefill instance of 2 Ray actors (one per node) and a decode instance of 1 on node b,
     kept for the module (float32, no quantization simulation)."""
-    from cluster.ray_backend import RayWorkerGroup
+    from cluster.backends.ray_group import RayWorkerGroup
 
     def group(resources):
         return RayWorkerGroup(tiny_checkpoint, len(resources), dtype="float32", simulate_quant=False, num_cpus=1,

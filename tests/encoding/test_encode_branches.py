@@ -1,6 +1,6 @@
 """encode_messages, one branch at a time, against expected strings written by hand.
 
-The expected strings follow SPEC section 11.3 and the official encoder's behaviour; none is
+The expected strings follow docs/model.md §11.3 and the official encoder's behaviour; none is
 computed by the code under test.
 """
 

@@ -20,7 +20,7 @@ from encoding import (
 )
 from tests.encoding.support import BOS, EOS
 
-# SPEC section 12 (ids quoted by two independent third-party sources), written out here.
+# docs/model.md §12 (ids quoted by two independent third-party sources), written out here.
 EXPECTED_IDS = {
     "<｜begin▁of▁sentence｜>": 0,
     "<｜end▁of▁sentence｜>": 1,

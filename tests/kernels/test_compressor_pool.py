@@ -1,4 +1,4 @@
-"""Compressor pooling: the Triton kernel (interpreter) vs the torch reference and vs SPEC §4.3's
+"""Compressor pooling: the Triton kernel (interpreter) vs the torch reference and vs docs/model.md §4.3's
 formula written out slot by slot; the reference vs the model's own `Compressor._emit`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import kernels
 from kernels.compressor_pool import compressor_pool_ref, compressor_pool_triton
 from tests.kernels.helpers import assert_close, poisoned, requires_triton
-from workers.attention import Compressor
+from workers.compressor import Compressor
 from workers.presets import preset_config
 
 # (n blocks, r ratio, c width, leading blocks that are block 0, block_c, block_r); ratio 4 overlaps
@@ -39,7 +39,7 @@ def _inputs(n: int, r: int, c: int, first: int, seed: int = 0, gathered: bool = 
 
 
 def _spec_pool(kv, score, prev_kv, prev_score) -> torch.Tensor:
-    """SPEC §4.3 slot by slot in float64: C[ch] = sum_s e^(z_s - max) v_s / sum_s e^(z_s - max)."""
+    """docs/model.md §4.3 slot by slot in float64: C[ch] = sum_s e^(z_s - max) v_s / sum_s e^(z_s - max)."""
     if prev_kv is None:
         slots = [(kv[:, p], score[:, p]) for p in range(kv.shape[1])]
     else:

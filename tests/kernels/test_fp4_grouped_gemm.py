@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kernels.fp4_grouped_gemm import fp4_grouped_gemm_ref, fp4_grouped_gemm_triton
+from kernels.quant import dequant_fp4_weight
 from tests.kernels.helpers import assert_close, poisoned, requires_triton
 from workers.moe import grouped_linear
-from workers.quant import dequant_fp4_weight
 
 
 def _inputs(counts: list[int], n: int, k: int, dtype: torch.dtype, seed: int = 0):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kernels.fp8_gemm import act_quant_dequant_ref, fp8_gemm_ref, fp8_gemm_triton
+from kernels.quant import quant_fp8_weight
 from tests.kernels.helpers import assert_close, poisoned, requires_triton
-from workers.quant import quant_fp8_weight
 
 
 def _edge_rows(k: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from kernels.indexer_topk import (
     indexer_topk_triton,
 )
 from tests.kernels.helpers import poisoned, requires_triton
-from workers.attention import Indexer
+from workers.indexer import Indexer
 from workers.kv_pool import CompressorPool
 
 

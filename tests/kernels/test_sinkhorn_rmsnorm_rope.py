@@ -1,17 +1,54 @@
-"""Sinkhorn (mHC) and fused RMSNorm + interleaved RoPE: the Triton kernels (interpreter) vs the torch
-references, and the references vs the model's layers."""
+"""Sinkhorn (mHC) and fused RMSNorm + interleaved RoPE: the pure-torch math against the spec's
+formulas written out independently here, the Triton kernels (interpreter) vs the torch references,
+and the references vs the model's layers."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from kernels.rmsnorm_rope import rmsnorm_rope_ref, rmsnorm_rope_triton
-from kernels.sinkhorn import sinkhorn_ref, sinkhorn_triton
+from kernels.rmsnorm_rope import apply_rope, rmsnorm_rope_ref, rmsnorm_rope_triton
+from kernels.sinkhorn import sinkhorn, sinkhorn_ref, sinkhorn_triton
 from tests.kernels.helpers import assert_close, poisoned, requires_triton
-from workers.layers import RMSNorm, apply_rope
+from workers.layers import RMSNorm, rope_cos_sin, rope_inv_freq
 
 EPS = 1e-6
+
+
+def test_sinkhorn_is_near_doubly_stochastic():
+    # 20 iterations end on a column step: columns sum to 1, rows nearly (for unit-scale
+    # logits; a rare matrix converges slower, so the row bound is loose and the input seeded).
+    gen = torch.Generator().manual_seed(0)
+    m = sinkhorn(torch.randn(256, 4, 4, generator=gen), iters=20, eps=1e-6)
+    assert (m > 0).all()
+    torch.testing.assert_close(m.sum(-1), torch.ones(256, 4), atol=5e-3, rtol=0)
+    torch.testing.assert_close(m.sum(-2), torch.ones(256, 4), atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_exact_op_order():
+    c = torch.randn(4, 4)
+    m = torch.softmax(c, -1) + 1e-6
+    m = m / (m.sum(0) + 1e-6)
+    m = m / (m.sum(1, keepdim=True) + 1e-6)
+    m = m / (m.sum(0) + 1e-6)
+    torch.testing.assert_close(sinkhorn(c, iters=2, eps=1e-6), m, rtol=0, atol=0)
+
+
+def test_rope_is_interleaved_on_last_dims_and_inverts():
+    x = torch.randn(5, 3, 16)
+    pos = torch.arange(5) * 7
+    inv = rope_inv_freq(8, 10000.0, None)
+    cos, sin = rope_cos_sin(inv, pos)
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y[..., :8], x[..., :8])
+    # pair (8, 9) of token 1 rotates by angle pos * inv_freq[0]
+    a = 7 * inv[0].item()
+    x0, x1 = x[1, :, 8], x[1, :, 9]
+    torch.testing.assert_close(y[1, :, 8], x0 * math.cos(a) - x1 * math.sin(a))
+    torch.testing.assert_close(y[1, :, 9], x0 * math.sin(a) + x1 * math.cos(a))
+    torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x, atol=1e-5, rtol=0)
 
 
 def test_sinkhorn_reference_is_nearly_doubly_stochastic() -> None:

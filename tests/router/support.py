@@ -19,7 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from router import Communicator, ExpertPlacement, combine, dispatch, make_communicator, moe_reference, route
+from router.comm import Communicator, make_communicator
+from router.dispatch import combine, dispatch, moe_reference
+from router.gate import route
+from router.placement import ExpertPlacement
 from workers.moe import MoE
 from workers.presets import preset_config
 

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from router import COMMUNICATORS, CollectiveTimeoutError, LocalGroup, make_communicator, run_local
+from router.comm import CollectiveTimeoutError, LocalGroup, make_communicator, run_local
+from router.names import COMMUNICATORS
 
 # send_splits[src][dst] for 3 ranks: uneven, zeros, and a rank that sends nothing
 SPLITS = [[2, 0, 3], [0, 0, 0], [1, 4, 0]]

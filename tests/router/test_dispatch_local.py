@@ -5,7 +5,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router import ExpertPlacement, combine, dispatch, moe_reference, run_local
+from router.comm import run_local
+from router.dispatch import combine, dispatch, moe_reference
+from router.placement import ExpertPlacement
 from tests.router.support import Case, check_case, standard_cases
 
 

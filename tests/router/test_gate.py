@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router import route
+from router.gate import route
 from tests.router.support import full_moe
 
 

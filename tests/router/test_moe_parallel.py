@@ -1,10 +1,10 @@
-"""The real tiny model's MoE layer split over W workers equals the whole layer (SPEC §6)."""
+"""The real tiny model's MoE layer split over W workers equals the whole layer (docs/model.md §6)."""
 
 from __future__ import annotations
 
 import pytest
 
-from router import run_local
+from router.comm import run_local
 from tests.router.support import check_parallel_moe
 
 

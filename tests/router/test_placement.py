@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router import ExpertPlacement
+from router.placement import ExpertPlacement
 
 
 def test_primary_blocks_and_local_experts():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from router import ExpertPlacement, combine, dispatch, run_local
+from router.comm import run_local
+from router.dispatch import combine, dispatch
+from router.placement import ExpertPlacement
 from router.stats import DispatchStats, LayerStats, merge
 from tests.router.support import Case, full_moe, worker_moe
 from workers.ep import EPMoE, count_routing
@@ -176,7 +178,7 @@ def test_ep_layers_count_the_gates_choices(layer_id):
 def test_plain_model_counts_routing(tiny_checkpoint):
     """W = 1: `count_routing` hooks the gates; the counts equal the bincount of each layer's
     gate applied (here, separately) to the MoE input captured by a hook of the test's own."""
-    from cluster.messages import SamplingParams, SeqWork, StepPlan
+    from workers.step import SamplingParams, SeqWork, StepPlan
     from workers.weights import load_model
     from workers.worker import ModelWorker
 

@@ -8,7 +8,8 @@ import pytest
 from workers.config import ModelConfig, ModelConfigError
 from workers.presets import PRESETS, preset_config
 
-PRO = Path(__file__).resolve().parents[3] / "shared" / "reference-config-v4-pro.json"
+# The official V4-Pro config.json (HF field names), kept in the repo as test data.
+PRO = Path(__file__).resolve().parents[1] / "data" / "reference-config-v4-pro.json"
 
 
 def pro_config() -> dict:
@@ -16,7 +17,7 @@ def pro_config() -> dict:
 
 
 def flash_config() -> dict:
-    # V4-Flash per SPEC §1 (the Flash config.json differs from Pro in these fields).
+    # V4-Flash per docs/model.md §1 (the Flash config.json differs from Pro in these fields).
     raw = pro_config()
     raw.update(
         hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024, o_groups=8,

@@ -2,6 +2,12 @@
 `local` communicator, each with its own copy of the tiny model) against the oracle of one
 worker prefilling the same chunk: the same output rows on every rank, every rank's replica
 holding the same state, and the same logits when any replica decodes on.
+
+The exact comparison runs with the QAT simulation off: CP sums some rows in another order,
+and with FP8/FP4 rounding on, a sum that lands within float noise of a rounding boundary
+flips to the neighbouring FP8 value (seen on an AMD EPYC for one element in 16K, from
+there on the state differs by that step), which no tolerance on fp32 noise admits. With
+the rounding on, the replicas must still decode the same tokens, close to one worker's.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from workers.weights import load_model
 PREFIX, END = 300, 700  # positions 0..299 prefilled alone, then [300, 700) context-parallel
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=True, progress=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["exact", "qat"])
+def model(tiny_checkpoint, request):
+    return load_model(tiny_checkpoint, dtype=torch.float32, simulate_quant=request.param, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,12 @@ def _context_parallel(model, tokens, parts):
 def test_context_parallel_prefill_equals_one_worker(model, tokens, reference, parts):
     ref_rows, ref_state, ref_decoded = reference
     results = _context_parallel(model, tokens, parts)
+    if model.simulate_quant:  # rounding flips: the same tokens, close logits
+        for (a, b), (rows, _, decoded) in zip(parts, results, strict=True):
+            assert _rel(rows, ref_rows[a - PREFIX : b - PREFIX]) < 1e-2
+            for g, w in zip(decoded, ref_decoded, strict=True):
+                assert _rel(g, w) < 2e-2 and g.argmax() == w.argmax()
+        return
     for (a, b), (rows, state, decoded) in zip(parts, results, strict=True):
         torch.testing.assert_close(rows, ref_rows[a - PREFIX : b - PREFIX], atol=1e-4, rtol=1e-4)
         assert state.num_tokens == ref_state.num_tokens
@@ -77,6 +89,10 @@ def test_context_parallel_prefill_equals_one_worker(model, tokens, reference, pa
         for g, w in zip(decoded, ref_decoded, strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
             assert g.argmax() == w.argmax()
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
 
 
 def test_split_chunk_gives_consecutive_non_empty_parts():

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from cluster.messages import SamplingParams, SeqWork, StepPlan
 from workers.handoff import Carrier, CollectiveCarrier, LocalEndpoint, PulledState
+from workers.step import SamplingParams, SeqWork, StepPlan
 from workers.weights import load_model
 from workers.worker import ModelWorker
 
@@ -170,7 +170,7 @@ def test_a_refused_or_abandoned_ticket_is_freed_by_its_holder_at_once(workers):
     """A ticket whose layout the decode worker refuses, and one whose request ends while it
     waits for room on the decode instance, are discarded: the holder drops the layers it
     keeps on its device now, not when they expire."""
-    from cluster.scheduler import SchedRequest, Scheduler
+    from cluster.engine.scheduler import SchedRequest, Scheduler
     from workers.kv_cache import KVCacheManager, KVLayout
 
     pre, dec, _ = workers

@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from cluster.messages import SamplingParams, SeqWork, StepPlan
+from workers.indexer import top_k_stable
 from workers.kv_pool import KVPool, KVPoolError
 from workers.model import Batch
+from workers.step import SamplingParams, SeqWork, StepPlan
 from workers.weights import load_model
 from workers.worker import ModelWorker
 
@@ -131,8 +132,6 @@ def test_indexer_tiles_pick_what_the_kernel_reference_picks(model):
 
 
 def test_top_k_stable_is_a_stable_sort_prefix():
-    from workers.attention import top_k_stable
-
     gen = torch.Generator().manual_seed(9)
     for width, k in ((50, 7), (50, 50), (3, 5), (1000, 16)):
         scores = torch.randint(0, 6, (8, width), generator=gen).float()  # many ties

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.cmd_model import score
 from workers.model import Batch
+from workers.score import score
 from workers.weights import load_model, model_tensors
 
 transformers = pytest.importorskip("transformers")

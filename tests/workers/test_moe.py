@@ -19,7 +19,7 @@ def make_moe(layer_id: int) -> MoE:
 
 
 def reference_moe(moe: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """SPEC §6 written out token by token."""
+    """docs/model.md §6 written out token by token."""
     g, limit = moe.gate, moe.experts.limit
     out = []
     for t in range(x.shape[0]):

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 
 import kernels
+from kernels.quant import dequant_fp4_weight
 from tests.kernels.helpers import requires_triton
 from workers.layers import Linear
 from workers.model import Batch
 from workers.moe import ExpertGroup
-from workers.quant import dequant_fp4_weight
 from workers.weights import load_model, resident_weight_bytes
 
 _DISPATCHERS = [n for n in kernels.__all__ if n not in ("HAS_TRITON", "use_triton")]

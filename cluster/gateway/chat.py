@@ -1,0 +1,272 @@
+"""The Chat and Encode RPCs: protobuf requests -> the V4 encoder's messages, and completion
+text -> reasoning / content deltas and parsed tool calls.
+
+`ChatInput` validates a `ChatRequest` and renders its prompt; `start_chat` submits it
+through the gateway's core; `ChatTranslator` feeds each `RequestOutput`'s text through
+the streaming parser and turns its events into `ChatResponse` messages (`responses`).
+`chat_rpc` and `encode_rpc` are the grpc.aio handlers; `dsv4 chat --local` drives
+`start_chat` + `responses` without a server. Errors in client input are `RequestError`s
+naming the field. A request whose output breaks the chat format ends with a Finish whose
+finish_reason is "error".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from cluster.engine.requests import RequestError, RequestOutput
+from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
+from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
+from encoding import (
+    EOS_ID,
+    CompletionParseError,
+    ContentDelta,
+    ReasoningDelta,
+    StreamingParser,
+    ToolCall,
+    encode_messages,
+)
+from encoding import tokens as T
+from protos import load as load_protos
+
+pb, _ = load_protos()
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
+THINKING_MODES = ("chat", "thinking")
+REASONING_EFFORTS = ("", "high", "max")
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A validated ChatRequest: the encoder's messages, the prompt text and its token ids."""
+
+    messages: list[dict[str, Any]]  # OpenAI-style dicts, as `encode_messages` takes them
+    thinking_mode: str  # chat | thinking
+    prompt: str
+    prompt_ids: tuple[int, ...]
+
+    @classmethod
+    def from_request(cls, request: Any, tokenizer: Any) -> ChatInput:
+        """Validate and render `request` (a pb ChatRequest); RequestError on bad input."""
+        thinking_mode = request.thinking_mode or "chat"
+        if thinking_mode not in THINKING_MODES:
+            raise RequestError("thinking_mode", f"must be one of {THINKING_MODES}, got {thinking_mode!r}")
+        if request.reasoning_effort not in REASONING_EFFORTS:
+            raise RequestError(
+                "reasoning_effort", f"must be one of {REASONING_EFFORTS}, got {request.reasoning_effort!r}"
+            )
+        messages = to_encoder_messages(request)
+        try:
+            prompt = encode_messages(messages, thinking_mode, reasoning_effort=request.reasoning_effort or None)
+        except ValueError as e:  # encoding.EncodingError: the message names messages[i]
+            raise RequestError("messages", str(e)) from None
+        return cls(messages, thinking_mode, prompt, tuple(tokenizer.encode(prompt)))
+
+
+def to_encoder_messages(request: Any) -> list[dict[str, Any]]:
+    """The request's messages as OpenAI-style dicts; tools ride on the (first) system message."""
+    if not request.messages:
+        raise RequestError("messages", "at least one message is required")
+    messages = [_message(i, m) for i, m in enumerate(request.messages)]
+    tools = [_tool(i, t) for i, t in enumerate(request.tools)]
+    if tools:
+        system = next((m for m in messages if m["role"] == "system"), None)
+        if system is None:
+            messages.insert(0, system := {"role": "system", "content": ""})
+        system["tools"] = tools
+    return messages
+
+
+def _message(index: int, m: Any) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if m.role not in ROLES:
+        raise RequestError(f"{where}.role", f"unknown role {m.role!r}; known roles: {', '.join(ROLES)}")
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.reasoning_content:
+        out["reasoning_content"] = m.reasoning_content
+    if m.tool_calls:
+        out["tool_calls"] = [_tool_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls)]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool_call(where: str, call: Any) -> dict[str, Any]:
+    if not call.name:
+        raise RequestError(f"{where}.name", "is required")
+    arguments = call.arguments or "{}"
+    parsed = _json(f"{where}.arguments", arguments)
+    if not isinstance(parsed, dict):
+        raise RequestError(f"{where}.arguments", f"must be a JSON object, got {type(parsed).__name__}")
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _tool(index: int, tool: Any) -> dict[str, Any]:
+    where = f"tools[{index}]"
+    if not tool.name:
+        raise RequestError(f"{where}.name", "is required")
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters:
+        schema = _json(f"{where}.parameters", tool.parameters)
+        if not isinstance(schema, dict):
+            raise RequestError(f"{where}.parameters", f"must be a JSON object (a schema), got {type(schema).__name__}")
+        function["parameters"] = schema
+    return {"type": "function", "function": function}
+
+
+def _json(where: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(where, f"not valid JSON ({e})") from None
+
+
+class ChatTranslator:
+    """Engine outputs of one chat request -> ChatResponse messages.
+
+    The engine never emits the end-of-sentence text, so when the last token is EOS the
+    translator feeds the EOS text itself and holds the completion to the full format.
+    A completion cut short (length, stop string, abort) is flushed leniently: what the
+    parser held back is released when it can be read as reasoning or content, and an
+    unfinished tool call is dropped. Output that breaks the format ends the stream with
+    finish_reason "error" (`failed` turns true at once, so the caller can abort the engine).
+    """
+
+    def __init__(self, uid: str, thinking_mode: str, eos_id: int = EOS_ID) -> None:
+        self.uid = uid
+        self.eos_id = eos_id
+        self.parser = StreamingParser(thinking_mode)
+        self.num_calls = 0
+        self.last_token: int | None = None
+        self.error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def push(self, out: RequestOutput) -> list[Any]:
+        """Responses for one engine output; the last output yields the Finish too."""
+        if out.token_ids:
+            self.last_token = out.token_ids[-1]
+        responses: list[Any] = []
+        if out.text and not self.failed:
+            responses += self._feed(out.text)
+        if out.logprobs:
+            delta = next((r.delta for r in responses if r.WhichOneof("kind") == "delta"), None)
+            if delta is None:
+                responses.insert(0, pb.ChatResponse(delta=pb.ChatDelta()))
+                delta = responses[0].delta
+            delta.logprobs.extend(logprobs_pb(out.logprobs))
+        if self.failed:
+            return [*responses, pb.ChatResponse(finish=finish_pb(self.uid, out, "error", self.error))]
+        if out.finished:
+            responses += self._close(out)
+            reason, error = ("error", self.error) if self.failed else (None, None)
+            responses.append(pb.ChatResponse(finish=finish_pb(self.uid, out, reason, error)))
+        return responses
+
+    def _feed(self, text: str) -> list[Any]:
+        try:
+            return self._responses(self.parser.feed(text))
+        except CompletionParseError as e:
+            self.error = f"the model's output breaks the chat format {e}"
+            return []
+
+    def _close(self, out: RequestOutput) -> list[Any]:
+        if out.finish_reason == "error" or self.failed:
+            return []
+        if out.finish_reason == "stop" and self.last_token == self.eos_id:
+            try:
+                return self._responses(self.parser.feed(T.EOS) + self.parser.finish())
+            except CompletionParseError as e:
+                self.error = f"the model's output breaks the chat format {e}"
+                return []
+        # Cut short: read the held-back tail as the end of reasoning or content if it can be;
+        # a tool call still open is incomplete and dropped.
+        for suffix in ("", T.EOS, T.THINK_END + T.EOS):
+            trial = copy.deepcopy(self.parser)
+            try:
+                events = trial.feed(suffix) + trial.finish()
+            except CompletionParseError:
+                continue
+            return self._responses([e for e in events if not isinstance(e, ToolCall)])
+        return []
+
+    def _responses(self, events: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for event in events:
+            if isinstance(event, ReasoningDelta):
+                out.append(pb.ChatResponse(delta=pb.ChatDelta(reasoning_content=event.text)))
+            elif isinstance(event, ContentDelta):
+                out.append(pb.ChatResponse(delta=pb.ChatDelta(content=event.text)))
+            elif isinstance(event, ToolCall):
+                call_id = f"call-{self.uid}-{self.num_calls}"
+                self.num_calls += 1
+                out.append(
+                    pb.ChatResponse(tool_call=pb.ToolCall(id=call_id, name=event.name, arguments=event.arguments_json))
+                )
+        return out
+
+
+# -- the RPCs ------------------------------------------------------------------------------
+def start_chat(gateway: Gateway, request: Any) -> tuple[RequestStream, ChatTranslator]:
+    """Validate, encode and submit a ChatRequest (GatewayError if it is refused)."""
+    chat = encode(gateway, request)
+    engine = gateway.engine
+    try:
+        params = to_sampling(request.sampling, len(chat.prompt_ids), gateway.max_len(), engine.vocab_size)
+    except RequestError as e:
+        raise as_gateway_error(e) from None
+    stream = gateway.submit(request.request_id, chat.prompt_ids, params)
+    return stream, ChatTranslator(stream.uid, chat.thinking_mode, engine.eos_id)
+
+
+def encode(gateway: Gateway, request: Any) -> ChatInput:
+    try:
+        return ChatInput.from_request(request, gateway.engine.tokenizer)
+    except ValueError as e:
+        raise as_gateway_error(e) from None
+
+
+async def responses(stream: RequestStream, translator: ChatTranslator) -> AsyncIterator[Any]:
+    """ChatResponse messages until the Finish; aborts the request on malformed output."""
+    try:
+        async for out in stream:
+            for response in translator.push(out):
+                yield response
+            if translator.failed:
+                return
+    finally:
+        stream.close()
+
+
+async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """Chat: the stream of ChatResponses; a request whose workers were lost ends UNAVAILABLE
+    after its final message (retry elsewhere)."""
+    try:
+        stream, translator = start_chat(gateway, request)
+    except GatewayError as e:
+        await context.abort(e.code, e.message)
+    context.add_done_callback(lambda _: stream.close())
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
+    async for response in responses(stream, translator):
+        yield response
+    if stream.lost:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)
+
+
+async def encode_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """Encode: the prompt a ChatRequest renders to, and its token ids."""
+    try:
+        chat = encode(gateway, request)
+    except GatewayError as e:
+        await context.abort(e.code, e.message)
+    return pb.EncodeResponse(prompt=chat.prompt, token_ids=chat.prompt_ids)
