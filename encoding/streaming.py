@@ -82,6 +82,14 @@ class StreamingParser:
         self._parameters: dict[str, tuple[str, str]] = {}
         self._ended = False
         self._finished = False
+        self._accounted = 0  # absolute offset: the text before it is told by the events so far
+
+    @property
+    def accounted(self) -> int:
+        """Characters of the completion that the events emitted so far stand for (their text,
+        the markers between them, whole tool calls); what a reader who got only the events
+        has not seen starts here (the text of an unfinished tool-call block included)."""
+        return self._accounted
 
     def feed(self, delta: str) -> list[Event]:
         """Consume the next piece of generated text; return the events it completes."""
@@ -160,6 +168,7 @@ class StreamingParser:
                 raise CompletionParseError(where, f"special token {token!r} inside the {self._state}")
         self._recent = window[-(_LONGEST_FORBIDDEN - 1) :]
         events.append(_EMITTING[self._state](text))
+        self._accounted = self._scan.offset
 
     def _enter(self, state: str) -> None:
         self._state = state
@@ -173,8 +182,11 @@ class StreamingParser:
             if stop != T.THINK_END:
                 raise CompletionParseError(span_start + len(span), "reasoning is not closed by </think>")
             self._enter("content")
+            self._accounted = self._scan.offset
         elif state == "content":
             self._enter("calls" if stop == T.TOOL_CALLS_OPEN else "done")
+            if stop == T.EOS:
+                self._accounted = self._scan.offset
         elif state == "calls":
             self._expect_gap(span, span_start)
             self._enter("invoke" if stop == T.INVOKE_OPEN else "after_calls")
@@ -250,4 +262,6 @@ class StreamingParser:
             self._enter("calls")
 
     def _finish_invoke(self) -> ToolCall:
-        return ToolCall(self._tool_name, arguments_json(self._parameters))
+        call = ToolCall(self._tool_name, arguments_json(self._parameters))
+        self._accounted = self._scan.offset
+        return call

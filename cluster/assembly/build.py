@@ -141,5 +141,6 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
     else:
         engine = by_role["colocated"][0]
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
-    info = ServingInfo(engine.model_config, str(checkpoint), manifest.model.dtype, manifest.backend, engine.page_size)
+    dtype = str(compute_dtype(manifest.model.dtype, manifest.model.device)).removeprefix("torch.")  # what runs
+    info = ServingInfo(engine.model_config, str(checkpoint), dtype, manifest.backend, engine.page_size)
     return engine, info

@@ -13,7 +13,7 @@
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure,
                handoff_timeout_s, handoff_transport
-    gateway:   host, port, metrics_port
+    gateway:   host, port, metrics_port, strict_output_format
 
 Every key is optional (see the defaults below). Unknown keys and bad values are
 `ManifestError`s that carry the key path, e.g. ``scheduler.max_batch_tokens: must be
@@ -231,6 +231,8 @@ class GatewaySpec:
     host: str = field(default="127.0.0.1", metadata=_str())  # address to listen on
     port: int = field(default=50051, metadata=_int(0, 65535))  # 0 = any free port
     metrics_port: int | None = field(default=None, metadata=_int(0, 65535, optional=True))  # /metrics; 0/null = off
+    # output that breaks the chat format ends the answer with finish_reason "error" (default: sent on as content)
+    strict_output_format: bool = field(default=False, metadata=_bool())
 
 
 @dataclass(frozen=True)

@@ -120,25 +120,36 @@ def chat_main(args: argparse.Namespace) -> None:
             chat_remote(args.target, request, printer, timeout=args.timeout)
         except ChatClientError as e:
             raise ServeError(str(e)) from None
+        _check_answer(printer)
         return
     from cluster.assembly.build import boot
 
     manifest = resolve_manifest(args)
     engine, info = boot(manifest)
     try:
-        asyncio.run(_chat_local(engine, info, request, printer))
+        asyncio.run(_chat_local(engine, info, request, printer, manifest.gateway.strict_output_format))
     finally:
         engine.stop(drain=False, timeout=5)
+    _check_answer(printer)
 
 
-async def _chat_local(engine: Engine, info: ServingInfo, request: Any, printer: ChatPrinter) -> None:
+def _check_answer(printer: ChatPrinter) -> None:
+    """An answer that ended in an error (or without a final message) makes `dsv4 chat` fail."""
+    finish = printer.finish
+    if finish is None:
+        raise ServeError("the answer ended without a final message")
+    if finish.finish_reason == "error":
+        raise ServeError(f"the answer ended in an error: {finish.error or 'unknown'}")
+
+
+async def _chat_local(engine: Engine, info: ServingInfo, request: Any, printer: ChatPrinter, strict: bool) -> None:
     from cluster.gateway import chat
     from cluster.gateway.client import print_async_stream
     from cluster.gateway.core import Gateway, GatewayError
 
-    gateway = Gateway(engine, info)
+    gateway = Gateway(engine, info, strict_output_format=strict)
     try:
         stream, translator = chat.start_chat(gateway, request)
     except GatewayError as e:
         raise ServeError(e.message) from None
-    await print_async_stream(chat.responses(stream, translator), printer)
+    await print_async_stream(chat.responses(gateway, stream, translator), printer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from encoding import tokens as T
 from protos import load as load_protos
 
 pb, _ = load_protos()
+log = logging.getLogger("dsv4.gateway")
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
 THINKING_MODES = ("chat", "thinking")
@@ -136,17 +138,28 @@ class ChatTranslator:
     translator feeds the EOS text itself and holds the completion to the full format.
     A completion cut short (length, stop string, abort) is flushed leniently: what the
     parser held back is released when it can be read as reasoning or content, and an
-    unfinished tool call is dropped. Output that breaks the format ends the stream with
-    finish_reason "error" (`failed` turns true at once, so the caller can abort the engine).
+    unfinished tool call is dropped; so is one that ends at EOS but not in the format
+    (thinking mode: EOS inside the reasoning).
+
+    Output that breaks the format loses nothing: from the break on, the text the client
+    has not seen yet (an unfinished tool call's raw DSML included) and everything after it
+    streams as content, and the finish reason is what really ended the answer;
+    `format_error` says what broke (the gateway logs and counts it). With `strict`, a break
+    ends the stream with finish_reason "error" instead (`failed` turns true at once, so the
+    caller can abort the engine).
     """
 
-    def __init__(self, uid: str, thinking_mode: str, eos_id: int = EOS_ID) -> None:
+    def __init__(self, uid: str, thinking_mode: str, eos_id: int = EOS_ID, strict: bool = False) -> None:
         self.uid = uid
         self.eos_id = eos_id
+        self.strict = strict
         self.parser = StreamingParser(thinking_mode)
         self.num_calls = 0
         self.last_token: int | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # strict: why the stream ended in an error
+        self.format_error: str | None = None  # where and how the output broke the chat format
+        self.raw = False  # past a break: text goes out as content, unparsed
+        self._text: list[str] = []  # every piece of completion text so far
 
     @property
     def failed(self) -> bool:
@@ -158,6 +171,7 @@ class ChatTranslator:
             self.last_token = out.token_ids[-1]
         responses: list[Any] = []
         if out.text and not self.failed:
+            self._text.append(out.text)
             responses += self._feed(out.text)
         if out.logprobs:
             delta = next((r.delta for r in responses if r.WhichOneof("kind") == "delta"), None)
@@ -174,31 +188,57 @@ class ChatTranslator:
         return responses
 
     def _feed(self, text: str) -> list[Any]:
+        if self.raw:
+            return [pb.ChatResponse(delta=pb.ChatDelta(content=text))]
         try:
             return self._responses(self.parser.feed(text))
         except CompletionParseError as e:
-            self.error = f"the model's output breaks the chat format {e}"
+            return self._broken(e)
+
+    def _broken(self, e: CompletionParseError) -> list[Any]:
+        """The output broke the format: strict, end in an error; else send the rest raw."""
+        self.format_error = f"the model's output breaks the chat format {e}"
+        if self.strict:
+            self.error = self.format_error
             return []
+        self.raw = True
+        rest = "".join(self._text)[self.parser.accounted :]
+        return [pb.ChatResponse(delta=pb.ChatDelta(content=rest))] if rest else []
 
     def _close(self, out: RequestOutput) -> list[Any]:
-        if out.finish_reason == "error" or self.failed:
+        if out.finish_reason == "error" or self.failed or self.raw:
             return []
         if out.finish_reason == "stop" and self.last_token == self.eos_id:
+            before = copy.deepcopy(self.parser)
             try:
                 return self._responses(self.parser.feed(T.EOS) + self.parser.finish())
             except CompletionParseError as e:
-                self.error = f"the model's output breaks the chat format {e}"
-                return []
-        # Cut short: read the held-back tail as the end of reasoning or content if it can be;
-        # a tool call still open is incomplete and dropped.
+                if self.strict:
+                    self.format_error = self.error = f"the model's output breaks the chat format {e}"
+                    return []
+                self.format_error = f"the model's output breaks the chat format {e}"
+                self.parser = before
+        return self._flush()
+
+    def _flush(self) -> list[Any]:
+        """Cut short: read the held-back tail as the end of reasoning or content if it can be;
+        a tool call still open is incomplete and dropped (strict) or sent raw."""
         for suffix in ("", T.EOS, T.THINK_END + T.EOS):
             trial = copy.deepcopy(self.parser)
             try:
                 events = trial.feed(suffix) + trial.finish()
             except CompletionParseError:
                 continue
-            return self._responses([e for e in events if not isinstance(e, ToolCall)])
-        return []
+            calls = [e for e in events if isinstance(e, ToolCall)]
+            responses = self._responses([e for e in events if not isinstance(e, ToolCall)])
+            if calls and not self.strict:  # an unfinished call: its raw text is still the model's
+                rest = "".join(self._text)[self.parser.accounted :]
+                responses.append(pb.ChatResponse(delta=pb.ChatDelta(content=rest)))
+            return responses
+        if self.strict:
+            return []
+        rest = "".join(self._text)[self.parser.accounted :]
+        return [pb.ChatResponse(delta=pb.ChatDelta(content=rest))] if rest else []
 
     def _responses(self, events: list[Any]) -> list[Any]:
         out: list[Any] = []
@@ -226,7 +266,7 @@ def start_chat(gateway: Gateway, request: Any) -> tuple[RequestStream, ChatTrans
     except RequestError as e:
         raise as_gateway_error(e) from None
     stream = gateway.submit(request.request_id, chat.prompt_ids, params)
-    return stream, ChatTranslator(stream.uid, chat.thinking_mode, engine.eos_id)
+    return stream, ChatTranslator(stream.uid, chat.thinking_mode, engine.eos_id, gateway.strict_output_format)
 
 
 def encode(gateway: Gateway, request: Any) -> ChatInput:
@@ -236,8 +276,9 @@ def encode(gateway: Gateway, request: Any) -> ChatInput:
         raise as_gateway_error(e) from None
 
 
-async def responses(stream: RequestStream, translator: ChatTranslator) -> AsyncIterator[Any]:
-    """ChatResponse messages until the Finish; aborts the request on malformed output."""
+async def responses(gateway: Gateway, stream: RequestStream, translator: ChatTranslator) -> AsyncIterator[Any]:
+    """ChatResponse messages until the Finish; output that breaks the chat format is logged
+    and counted (strict: the request is aborted)."""
     try:
         async for out in stream:
             for response in translator.push(out):
@@ -246,6 +287,10 @@ async def responses(stream: RequestStream, translator: ChatTranslator) -> AsyncI
                 return
     finally:
         stream.close()
+        if translator.format_error is not None:
+            gateway.metrics.format_errors.inc()
+            log.warning("%s: %s%s", stream.uid, translator.format_error,
+                        "" if translator.strict else " (its text is sent on)")  # fmt: skip
 
 
 async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -257,7 +302,7 @@ async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerCon
         await context.abort(e.code, e.message)
     context.add_done_callback(lambda _: stream.close())
     await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
-    async for response in responses(stream, translator):
+    async for response in responses(gateway, stream, translator):
         yield response
     if stream.lost:
         await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)

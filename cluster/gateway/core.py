@@ -131,9 +131,11 @@ class RequestStream:
 class Gateway:
     """The Inference API over one engine, independent of the transport."""
 
-    def __init__(self, engine: EngineLike, info: ServingInfo, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, engine: EngineLike, info: ServingInfo, metrics: GatewayMetrics | None = None,
+                 strict_output_format: bool = False) -> None:  # fmt: skip
         self.engine, self.info = engine, info
         self.metrics = metrics or GatewayMetrics(engine.load)
+        self.strict_output_format = strict_output_format  # output that breaks the chat format ends in an error
         self.draining = False
         self.started = time.monotonic()
 

@@ -116,6 +116,8 @@ class GatewayMetrics:
         self.tokens_in = Counter("dsv4_prompt_tokens", "prompt tokens submitted", registry=r)
         self.tokens_out = Counter("dsv4_generation_tokens", "completion tokens generated", registry=r)
         self.requests = Counter("dsv4_requests", "finished requests", ["finish_reason"], registry=r)
+        self.format_errors = Counter("dsv4_output_format_errors", "answers whose text broke the chat format "
+                                     "(sent on as content unless the gateway is strict)", registry=r)  # fmt: skip
         if load is not None:
             r.register(_LoadCollector(load))
         if routing is not None:

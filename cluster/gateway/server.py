@@ -111,7 +111,7 @@ async def serve(engine: EngineLike, serving: ServingInfo, spec: GatewaySpec) -> 
     SIGINT or SIGTERM, then drain: health NOT_SERVING, running requests finish. OSError
     when a port cannot be bound."""
     metrics = GatewayMetrics(engine.load, engine.routing_totals)
-    gateway = Gateway(engine, serving, metrics)
+    gateway = Gateway(engine, serving, metrics, spec.strict_output_format)
     try:
         metrics.serve(spec.metrics_port, spec.host)
         running = await start_server(gateway, spec.host, spec.port)

@@ -249,3 +249,10 @@ def test_device_cuda_without_a_gpu_says_so():
     else:
         with pytest.raises(RuntimeError, match="sees no GPU"):
             serving_device("cuda")
+
+
+def test_strict_output_format_is_a_gateway_setting():
+    assert parse_manifest(None).gateway.strict_output_format is False
+    assert parse_manifest({"gateway": {"strict_output_format": True}}).gateway.strict_output_format is True
+    with pytest.raises(ManifestError, match=r"gateway\.strict_output_format: must be true or false"):
+        parse_manifest({"gateway": {"strict_output_format": "yes"}})

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -17,6 +19,7 @@ from cluster.engine.requests import EngineUnavailableError, QueueFullError, Requ
 from cluster.gateway.core import Gateway, ServingInfo
 from cluster.gateway.server import start_server
 from encoding import EOS_ID, VOCAB_SIZE, load_tokenizer
+from encoding import tokens as T
 from encoding.dsml import render_tool_calls
 from protos import load as load_protos
 from tests.cluster.gateway.test_server import chat
@@ -64,18 +67,35 @@ class ScriptedEngine:
         return {"running": 0, "waiting": 0, "kv_pages_used": 0, "kv_pages_free": 1, "kv_pages_total": 1}
 
 
-@pytest.fixture(scope="module")
-def scripted():
+def _serve_scripted(strict: bool):
     engine = ScriptedEngine()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     info = ServingInfo(preset_config("tiny"), "scripted", "bfloat16", "scripted", 64)
-    running = asyncio.run_coroutine_threadsafe(start_server(Gateway(engine, info), "127.0.0.1", 0), loop).result(30)
+    engine.gateway = Gateway(engine, info, strict_output_format=strict)
+    running = asyncio.run_coroutine_threadsafe(start_server(engine.gateway, "127.0.0.1", 0), loop).result(30)
+    engine.port = running.port
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield engine, pb_grpc.InferenceStub(channel)
     channel.close()
     asyncio.run_coroutine_threadsafe(running.server.stop(0), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """The gateway as served by default: output that breaks the chat format goes on as content."""
+    yield from _serve_scripted(strict=False)
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """A gateway with `gateway.strict_output_format: true`."""
+    yield from _serve_scripted(strict=True)
+
+
+def format_errors(scripted) -> float:
+    return scripted[0].gateway.metrics.registry.get_sample_value("dsv4_output_format_errors_total")
 
 
 def run_script(scripted, text: str, end: str = "eos", thinking: bool = False) -> SimpleNamespace:
@@ -115,21 +135,59 @@ def test_tool_calls_come_back_parsed(scripted):
     assert [json.loads(c.arguments) for c in out.calls] == [{"city": "Paris", "days": 3}, {"city": "Oslo"}]
 
 
-def test_cut_short_output_keeps_text_and_drops_an_open_call(scripted):
+def test_cut_short_output_keeps_text_and_sends_an_open_call_raw(scripted):
     out = run_script(scripted, "step one </thi", end="length", thinking=True)
     assert out.reasoning == "step one </thi" and out.finish.finish_reason == "length"
-    out = run_script(scripted, "Checking." + WEATHER_CALLS[:-40], end="length")  # cut inside the second call
+    cut = WEATHER_CALLS[:-40]  # cut inside the second call
+    out = run_script(scripted, "Checking." + cut, end="length")
+    assert [json.loads(c.arguments) for c in out.calls] == [{"city": "Paris", "days": 3}]
+    first_call_end = cut.index(T.INVOKE_CLOSE) + len(T.INVOKE_CLOSE)
+    assert out.content == "Checking." + cut[first_call_end:] and out.finish.finish_reason == "length"
+
+
+def test_strict_cut_short_output_drops_an_open_call(strict):
+    out = run_script(strict, "Checking." + WEATHER_CALLS[:-40], end="length")
     assert out.content == "Checking." and out.finish.finish_reason == "length"
     assert [json.loads(c.arguments) for c in out.calls] == [{"city": "Paris", "days": 3}]
 
 
-def test_malformed_output_ends_with_error_and_aborts(scripted):
+@pytest.mark.parametrize(
+    ("text", "thinking", "end"),
+    [
+        ("fine so far <think> then " + "more " * 200, True, "length"),  # a special token inside the reasoning
+        ("Hello " + T.DSML + " and then some text", False, "eos"),  # inside the content
+        ("Let me check." + WEATHER_CALLS.replace(" string=\"true\"", " string=yes", 1), False, "eos"),  # bad call
+        ("done." + T.THINK_END + "more", False, "eos"),  # </think> in chat mode
+    ],
+    ids=["reasoning", "content", "tool-call", "think-end"],
+)
+def test_output_that_breaks_the_format_loses_nothing(scripted, text, thinking, end):
+    """Every character the model wrote reaches the client (reasoning, then the rest as
+    content from the break on); the finish reason is what ended the answer; it is counted."""
     engine, _ = scripted
-    out = run_script(scripted, "fine so far <think> then " + "more " * 200, end="length", thinking=True)
+    before = format_errors(scripted)
+    out = run_script(scripted, text, end=end, thinking=thinking)
+    assert out.reasoning + out.content == text and not out.calls
+    assert out.finish.finish_reason == {"eos": "stop", "length": "length"}[end] and not out.finish.error
+    assert out.finish.request_id not in engine.aborted
+    assert format_errors(scripted) == before + 1
+
+
+def test_eos_inside_the_reasoning_ends_cleanly(scripted):
+    out = run_script(scripted, "never closed", thinking=True)
+    assert out.reasoning == "never closed" and out.content == "" and out.finish.finish_reason == "stop"
+    assert not out.finish.error
+
+
+def test_strict_malformed_output_ends_with_error_and_aborts(strict):
+    engine, _ = strict
+    before = format_errors(strict)
+    out = run_script(strict, "fine so far <think> then " + "more " * 200, end="length", thinking=True)
     assert out.finish.finish_reason == "error" and "breaks the chat format" in out.finish.error
     assert out.finish.request_id in engine.aborted
-    out = run_script(scripted, "never closed", thinking=True)  # EOS inside the reasoning
+    out = run_script(strict, "never closed", thinking=True)  # EOS inside the reasoning
     assert out.finish.finish_reason == "error" and "inside the reasoning" in out.finish.error
+    assert format_errors(strict) == before + 2
 
 
 def test_engine_error_is_a_final_message(scripted):
@@ -181,3 +239,14 @@ def test_lost_workers_end_the_stream_with_unavailable(scripted):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "lost" in e.value.details()
     assert received[-1].finish.finish_reason == "error"  # the final message came first
     assert "".join(r.delta.content for r in received if r.WhichOneof("kind") == "delta") == "partial answer"
+
+
+@pytest.mark.parametrize(("script", "code"), [(("Fine, thanks.", "eos"), 0), (("partial", "error"), 2)])
+def test_dsv4_chat_exits_non_zero_when_the_answer_ends_in_an_error(scripted, script, code):
+    engine, _ = scripted
+    engine.script, engine.refuse = script, None
+    cmd = [sys.executable, "-m", "cluster.cli", "chat", "--target", f"127.0.0.1:{engine.port}", "Hi"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert done.stdout.strip() == script[0]
+    assert ("the answer ended in an error: worker died" in done.stderr) == (code != 0)

@@ -283,6 +283,9 @@ def test_model_and_server_info(server, tiny_checkpoint):
     assert (info.num_layers, info.hidden_size, info.num_routed_experts) == (4, cfg.hidden_size, cfg.n_routed_experts)
     assert info.max_context == MAX_LEN and info.vocab_size == VOCAB_SIZE and info.checkpoint == str(tiny_checkpoint)
     assert info.architecture == "DeepseekV4ForCausalLM" and info.tokenizer_path.endswith("tokenizer.json")
+    from workers.layers import default_cpu_dtype  # the manifest says dtype auto: report what runs
+
+    assert info.dtype == str(default_cpu_dtype()).removeprefix("torch.")
     srv = server.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert srv.backend == "inprocess" and not srv.draining and len(srv.pools) == 1
     assert srv.load.kv_pages_total > 0 and srv.load.page_size == 128
