@@ -142,5 +142,7 @@ def boot(manifest: Manifest) -> tuple[Engine | InstanceRouter, ServingInfo]:
         engine = by_role["colocated"][0]
     log.info("engine up in %.1fs (max context %d tokens)", time.perf_counter() - t0, engine.config.max_model_len)
     dtype = str(compute_dtype(manifest.model.dtype, manifest.model.device)).removeprefix("torch.")  # what runs
-    info = ServingInfo(engine.model_config, str(checkpoint), dtype, manifest.backend, engine.page_size)
+    name = manifest.gateway.served_model_name or (Path(manifest.model.checkpoint).name if manifest.model.checkpoint
+                                                   else f"dsv4-{manifest.model.source}")  # fmt: skip
+    info = ServingInfo(engine.model_config, str(checkpoint), dtype, manifest.backend, engine.page_size, name=name)
     return engine, info

@@ -13,7 +13,8 @@
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure,
                handoff_timeout_s, handoff_transport
-    gateway:   host, port, metrics_port, strict_output_format
+    gateway:   host, port, metrics_port, http_port, strict_output_format, default_thinking,
+               served_model_name
 
 Every key is optional (see the defaults below). Unknown keys and bad values are
 `ManifestError`s that carry the key path, e.g. ``scheduler.max_batch_tokens: must be
@@ -233,6 +234,9 @@ class GatewaySpec:
     metrics_port: int | None = field(default=None, metadata=_int(0, 65535, optional=True))  # /metrics; 0/null = off
     # output that breaks the chat format ends the answer with finish_reason "error" (default: sent on as content)
     strict_output_format: bool = field(default=False, metadata=_bool())
+    http_port: int | None = field(default=None, metadata=_int(0, 65535, optional=True))  # OpenAI API; null = off
+    default_thinking: bool = field(default=False, metadata=_bool())  # thinking mode when a request does not say
+    served_model_name: str | None = field(default=None, metadata=_str(optional=True))  # default: from the model
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port; 0 = any free port (default 50051)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off (default off)")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) here; 0 = any free "
+                   "port (default: off)")  # fmt: skip
     _add_model_flags(p)
     p.set_defaults(func=serve_main)
 
@@ -78,7 +81,7 @@ def resolve_manifest(args: argparse.Namespace) -> Manifest:
         model = replace(manifest.model, checkpoint=args.checkpoint, preset=args.preset, seed=None)
         manifest = replace(manifest, model=model)
     gateway = manifest.gateway
-    for key in ("host", "port", "metrics_port"):
+    for key in ("host", "port", "metrics_port", "http_port"):
         value = getattr(args, key, None)
         if value is not None:
             gateway = replace(gateway, **{key: value})

@@ -69,6 +69,7 @@ class ServingInfo:
     backend: str = "inprocess"
     page_size: int = 0  # tokens per KV page
     version: str = field(default_factory=_package_version)
+    name: str = "dsv4"  # the served model's name (the HTTP API's `model`)
 
 
 class GatewayError(Exception):

@@ -112,9 +112,15 @@ async def serve(engine: EngineLike, serving: ServingInfo, spec: GatewaySpec) -> 
     when a port cannot be bound."""
     metrics = GatewayMetrics(engine.load, engine.routing_totals)
     gateway = Gateway(engine, serving, metrics, spec.strict_output_format)
+    http = None
     try:
         metrics.serve(spec.metrics_port, spec.host)
         running = await start_server(gateway, spec.host, spec.port)
+        if spec.http_port is not None:
+            from cluster.gateway.http import start_http
+
+            http, http_port = await start_http(gateway, spec.host, spec.http_port, spec.default_thinking)
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", spec.host, http_port)
     except OSError:
         metrics.close()
         raise
@@ -130,5 +136,8 @@ async def serve(engine: EngineLike, serving: ServingInfo, spec: GatewaySpec) -> 
     await running.set_serving(False)
     await asyncio.to_thread(engine.stop, True)
     await running.server.stop(grace=2)
+    if http is not None:
+        http.should_exit = True
+        await http.task
     metrics.close()
     log.info("stopped")
