@@ -8,6 +8,7 @@ import sys
 
 from cluster.bench import BenchError
 from cluster.cli import bench as cmd_bench
+from cluster.cli import chat as cmd_chat
 from cluster.cli import deploy as cmd_deploy
 from cluster.cli import model as cmd_model
 from cluster.cli import ops as cmd_ops
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cmd_model.add_parsers(sub)
     cmd_serve.add_parsers(sub)
+    cmd_chat.add_parser(sub)
     cmd_bench.add_parsers(sub)
     cmd_deploy.add_parsers(sub)
     cmd_ops.add_parsers(sub)

@@ -1,5 +1,5 @@
-"""`dsv4 serve` (the gRPC gateway over an in-process engine) and `dsv4 chat` (its client,
-or `--local`: the same gateway code driven in this process, no server)."""
+"""`dsv4 serve`: the gateway (gRPC, and the OpenAI-compatible HTTP API when asked) over the
+manifest's engines; the manifest with the command line's overrides (`dsv4 chat` uses it too)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import argparse
 import asyncio
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cluster.assembly.manifest import Manifest, ManifestError, load_manifest, parse_manifest
 from workers.presets import PRESETS
 
 if TYPE_CHECKING:
-    from cluster.engine.engine import Engine
-    from cluster.gateway.client import ChatPrinter
-    from cluster.gateway.core import ServingInfo
+    pass
 
 log = logging.getLogger("dsv4.serve")
 
@@ -44,29 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int,
                    help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) here; 0 = any free "
                    "port (default: off)")  # fmt: skip
-    _add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=serve_main)
 
-    p = sub.add_parser(
-        "chat",
-        help="chat with a model: stream reasoning, content, tool calls and usage",
-        description="Send one user message to a dsv4 gateway (or, with --local, to a model loaded here) "
-        "and print the answer as it streams.",
-    )
-    p.add_argument("text", help="the user message")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"gateway HOST:PORT (default {DEFAULT_TARGET})")
-    p.add_argument("--local", action="store_true", help="load the model in this process instead of calling a server")
-    p.add_argument("--thinking", action="store_true", help="thinking mode: reason first (printed apart)")
-    p.add_argument("--max-tokens", type=int, help="completion tokens at most (default: the server's, 256)")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default 1.0)")
-    p.add_argument("--seed", type=int, help="sampling seed (default random)")
-    p.add_argument("--system", help="a system message")
-    p.add_argument("--timeout", type=float, help="seconds before the request is cancelled (remote only)")
-    _add_model_flags(p, local_only=True)
-    p.set_defaults(func=chat_main)
 
-
-def _add_model_flags(p: argparse.ArgumentParser, local_only: bool = False) -> None:
+def add_model_flags(p: argparse.ArgumentParser, local_only: bool = False) -> None:
     note = " (with --local)" if local_only else ""
     group = p.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", help=f"checkpoint directory to serve{note}")
@@ -105,54 +85,3 @@ def serve_main(args: argparse.Namespace) -> None:
         raise ServeError(str(e)) from None
     finally:
         engine.stop(drain=False, timeout=5)
-
-
-# -- chat ------------------------------------------------------------------------------------
-def chat_main(args: argparse.Namespace) -> None:
-    from cluster.gateway.client import ChatClientError, ChatPrinter, chat_remote, chat_request
-
-    request = chat_request(
-        args.text, system=args.system, thinking=args.thinking, max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=args.seed,
-    )  # fmt: skip
-    printer = ChatPrinter()
-    if not args.local:
-        if args.checkpoint or args.preset:
-            raise ServeError("--checkpoint and --preset choose the model of --local; a server serves its own")
-        try:
-            chat_remote(args.target, request, printer, timeout=args.timeout)
-        except ChatClientError as e:
-            raise ServeError(str(e)) from None
-        _check_answer(printer)
-        return
-    from cluster.assembly.build import boot
-
-    manifest = resolve_manifest(args)
-    engine, info = boot(manifest)
-    try:
-        asyncio.run(_chat_local(engine, info, request, printer, manifest.gateway.strict_output_format))
-    finally:
-        engine.stop(drain=False, timeout=5)
-    _check_answer(printer)
-
-
-def _check_answer(printer: ChatPrinter) -> None:
-    """An answer that ended in an error (or without a final message) makes `dsv4 chat` fail."""
-    finish = printer.finish
-    if finish is None:
-        raise ServeError("the answer ended without a final message")
-    if finish.finish_reason == "error":
-        raise ServeError(f"the answer ended in an error: {finish.error or 'unknown'}")
-
-
-async def _chat_local(engine: Engine, info: ServingInfo, request: Any, printer: ChatPrinter, strict: bool) -> None:
-    from cluster.gateway import chat
-    from cluster.gateway.client import print_async_stream
-    from cluster.gateway.core import Gateway, GatewayError
-
-    gateway = Gateway(engine, info, strict_output_format=strict)
-    try:
-        stream, translator = chat.start_chat(gateway, request)
-    except GatewayError as e:
-        raise ServeError(e.message) from None
-    await print_async_stream(chat.responses(gateway, stream, translator), printer)

@@ -33,9 +33,12 @@ def chat_request(
     max_tokens: int | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    history: Iterable[Any] = (),
 ) -> Any:
-    """A one-turn ChatRequest; unset sampling fields keep the server's defaults."""
+    """A ChatRequest: `history` (earlier turns' ChatMessages), then the user's `text`; unset
+    sampling fields keep the server's defaults."""
     messages = [pb.ChatMessage(role="system", content=system)] if system else []
+    messages += list(history)
     messages.append(pb.ChatMessage(role="user", content=text))
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     return pb.ChatRequest(messages=messages, thinking_mode="thinking" if thinking else "chat", sampling=sampling)
@@ -50,13 +53,17 @@ class ChatPrinter:
         self._in_reasoning = False
         self._wrote_content = False
         self.finish: Any = None
+        self.content: list[str] = []  # the answer's content, as received
+        self.reasoning: list[str] = []
 
     def handle(self, response: Any) -> None:
         kind = response.WhichOneof("kind")
         if kind == "delta":
             if response.delta.reasoning_content:
                 self._reasoning(response.delta.reasoning_content)
+                self.reasoning.append(response.delta.reasoning_content)
             if response.delta.content:
+                self.content.append(response.delta.content)
                 self._end_reasoning()
                 self.out.write(response.delta.content)
                 self.out.flush()
