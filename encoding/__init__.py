@@ -12,7 +12,16 @@ from __future__ import annotations
 from encoding.errors import CompletionParseError, EncodingError, TokenizerError
 from encoding.parse import parse_message_from_completion_text
 from encoding.render import encode_messages
-from encoding.streaming import ContentDelta, End, Event, ReasoningDelta, StreamingParser, ToolCall
+from encoding.streaming import (
+    ArgumentsDelta,
+    ContentDelta,
+    End,
+    Event,
+    ReasoningDelta,
+    StreamingParser,
+    ToolCall,
+    ToolCallStart,
+)
 from encoding.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -40,6 +49,8 @@ __all__ = [
     "StreamingParser",
     "TokenizerError",
     "ToolCall",
+    "ToolCallStart",
+    "ArgumentsDelta",
     "default_tokenizer_path",
     "encode_messages",
     "load_tokenizer",

@@ -6,8 +6,11 @@ raises the same ``CompletionParseError`` (possibly earlier, as soon as it is cer
 
 Reasoning and content stream out as soon as a character cannot be the start of a marker
 (``</think>``, ``\\n\\n<｜DSML｜tool_calls``, the EOS text); a tool call is emitted whole
-when its ``</｜DSML｜invoke`` arrives. Work per delta is proportional to the delta plus a
-marker's length: nothing is re-scanned.
+when its ``</｜DSML｜invoke`` arrives. With ``stream_arguments`` a call is also told as it is
+written: ``ToolCallStart`` once its name is read, then ``ArgumentsDelta`` pieces of its
+arguments' JSON text (they add up to the ``ToolCall``'s ``arguments_json``, which still
+follows). Work per delta is proportional to the delta plus a marker's length: nothing is
+re-scanned.
 
 States follow the official parser's reads (see ``encoding.parse``)::
 
@@ -22,10 +25,11 @@ States follow the official parser's reads (see ``encoding.parse``)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from encoding import tokens as T
-from encoding.dsml import INVOKE_NAME_RE, PARAMETER_RE, arguments_json
+from encoding.dsml import INVOKE_NAME_RE, PARAMETER_RE, arguments_json, to_json
 from encoding.errors import CompletionParseError
 from encoding.stop_scanner import StopScanner
 
@@ -47,11 +51,21 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    name: str  # a call's function name, read before its arguments (stream_arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class ArgumentsDelta:
+    text: str  # the next piece of the open call's arguments JSON (stream_arguments)
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The completion is over (EOS seen, or finish() on a completion the parser accepts)."""
 
 
-Event = ReasoningDelta | ContentDelta | ToolCall | End
+Event = ReasoningDelta | ContentDelta | ToolCall | ToolCallStart | ArgumentsDelta | End
 
 _STOPS: dict[str, tuple[str, ...]] = {
     "reasoning": (T.THINK_END, T.TOOL_CALLS_OPEN),
@@ -65,12 +79,13 @@ _STOPS: dict[str, tuple[str, ...]] = {
 }
 _EMITTING = {"reasoning": ReasoningDelta, "content": ContentDelta}
 _LONGEST_FORBIDDEN = max(len(token) for token in T.FORBIDDEN_IN_TEXT)
+_PARAM_HEAD = re.compile(r' name="(.*?)" string="(true|false)">', re.DOTALL)  # a parameter's value follows
 
 
 class StreamingParser:
     """Incremental ``parse_message_from_completion_text``: ``feed(delta)``..., ``finish()``."""
 
-    def __init__(self, thinking_mode: str) -> None:
+    def __init__(self, thinking_mode: str, stream_arguments: bool = False) -> None:
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
         self._scan = StopScanner()
@@ -83,6 +98,9 @@ class StreamingParser:
         self._ended = False
         self._finished = False
         self._accounted = 0  # absolute offset: the text before it is told by the events so far
+        self._stream_args = stream_arguments
+        self._value_sent = 0  # characters of the open parameter's value sent as ArgumentsDelta
+        self._value_flag: str | None = None  # the open parameter's string flag, once its head is read
 
     @property
     def accounted(self) -> int:
@@ -135,6 +153,8 @@ class StreamingParser:
                 self._emit(text, events)
             elif text:
                 self._pending.append(text)
+                if self._state == "param" and self._stream_args:
+                    self._stream_value(events)
             return False
         index, stop = found
         span = self._scan.take(index)
@@ -191,10 +211,10 @@ class StreamingParser:
             self._expect_gap(span, span_start)
             self._enter("invoke" if stop == T.INVOKE_OPEN else "after_calls")
         elif state == "invoke":
-            self._start_invoke(span, span_start)
+            self._start_invoke(span, span_start, events)
             self._after_parameter(stop, events)
         elif state == "param":
-            self._add_parameter(span, span_start)
+            self._add_parameter(span, span_start, events)
             self._enter("param_gap")
         elif state == "param_gap":
             self._expect_gap(span, span_start)
@@ -217,14 +237,14 @@ class StreamingParser:
             at = span_start + len(span)
             raise CompletionParseError(at, "tool-call block ends without </｜DSML｜tool_calls>")
         if state == "invoke":
-            self._start_invoke(span, span_start)
-            events.append(self._finish_invoke())
+            self._start_invoke(span, span_start, events)
+            self._finish_invoke(events)
         elif state == "param":
-            self._add_parameter(span, span_start)
+            self._add_parameter(span, span_start, events)
             self._expect_gap("", span_start + len(span))
         elif state == "param_gap":
             self._expect_gap(span, span_start)
-            events.append(self._finish_invoke())
+            self._finish_invoke(events)
         elif state == "after_calls":
             self._expect_empty_tail(span, span_start)
         elif state == "done" and span:
@@ -238,30 +258,61 @@ class StreamingParser:
         if span:
             raise CompletionParseError(span_start, f"unexpected text after the tool calls: {span[:40]!r}")
 
-    def _start_invoke(self, head: str, span_start: int) -> None:
+    def _start_invoke(self, head: str, span_start: int, events: list[Event]) -> None:
         match = INVOKE_NAME_RE.search(head)
         if match is None:
             raise CompletionParseError(span_start, f"malformed invoke name: {head[:60]!r}")
         self._tool_name = match.group(1)
         self._parameters = {}
+        if self._stream_args:
+            events += [ToolCallStart(self._tool_name), ArgumentsDelta("{")]
 
-    def _add_parameter(self, body: str, span_start: int) -> None:
+    def _add_parameter(self, body: str, span_start: int, events: list[Event]) -> None:
         match = PARAMETER_RE.search(body)
         if match is None:
             raise CompletionParseError(span_start, f"malformed parameter: {body[:60]!r}")
         key, flag, value = match.groups()
         if key in self._parameters:
             raise CompletionParseError(span_start, f"duplicate parameter {key!r}")
+        if self._stream_args:  # the rest of the value, and the parameter's end
+            if self._value_flag is None:
+                events.append(ArgumentsDelta(self._key_json(key, flag)))
+            events.append(ArgumentsDelta(self._value_json(value[self._value_sent :], flag) + ('"' * (flag == "true"))))
+            self._value_sent, self._value_flag = 0, None
         self._parameters[key] = (value, flag)
+
+    def _stream_value(self, events: list[Event]) -> None:
+        """Send what is certain of the open parameter's value: all read but a trailing "<"
+        (it may begin the closing tag). The head goes first, once it is complete."""
+        body = "".join(self._pending)
+        head = _PARAM_HEAD.match(body)
+        if head is None:
+            return
+        if self._value_flag is None:
+            key, self._value_flag = head.group(1), head.group(2)
+            events.append(ArgumentsDelta(self._key_json(key, self._value_flag)))
+        value = body[head.end() :]
+        certain = len(value) - value.endswith("<")
+        if certain > self._value_sent:
+            events.append(ArgumentsDelta(self._value_json(value[self._value_sent : certain], self._value_flag)))
+            self._value_sent = certain
+
+    def _key_json(self, key: str, flag: str) -> str:
+        return (", " if self._parameters else "") + to_json(key) + ": " + ('"' * (flag == "true"))
+
+    @staticmethod
+    def _value_json(piece: str, flag: str) -> str:
+        return to_json(piece)[1:-1] if flag == "true" else piece
 
     def _after_parameter(self, stop: str, events: list[Event]) -> None:
         if stop == T.PARAM_OPEN:
             self._enter("param")
         else:
-            events.append(self._finish_invoke())
+            self._finish_invoke(events)
             self._enter("calls")
 
-    def _finish_invoke(self) -> ToolCall:
-        call = ToolCall(self._tool_name, arguments_json(self._parameters))
+    def _finish_invoke(self, events: list[Event]) -> None:
+        if self._stream_args:
+            events.append(ArgumentsDelta("}"))
+        events.append(ToolCall(self._tool_name, arguments_json(self._parameters)))
         self._accounted = self._scan.offset
-        return call

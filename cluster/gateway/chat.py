@@ -26,11 +26,13 @@ from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
 from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
 from encoding import (
     EOS_ID,
+    ArgumentsDelta,
     CompletionParseError,
     ContentDelta,
     ReasoningDelta,
     StreamingParser,
     ToolCall,
+    ToolCallStart,
     encode_messages,
 )
 from encoding import tokens as T
@@ -139,7 +141,9 @@ class ChatTranslator:
     A completion cut short (length, stop string, abort) is flushed leniently: what the
     parser held back is released when it can be read as reasoning or content, and an
     unfinished tool call is dropped; so is one that ends at EOS but not in the format
-    (thinking mode: EOS inside the reasoning).
+    (thinking mode: EOS inside the reasoning). A tool call streams as it is written
+    (`tool_call_delta`s: its id and name, then pieces of its arguments), then comes whole
+    (`tool_call`).
 
     Output that breaks the format loses nothing: from the break on, the text the client
     has not seen yet (an unfinished tool call's raw DSML included) and everything after it
@@ -153,7 +157,7 @@ class ChatTranslator:
         self.uid = uid
         self.eos_id = eos_id
         self.strict = strict
-        self.parser = StreamingParser(thinking_mode)
+        self.parser = StreamingParser(thinking_mode, stream_arguments=True)
         self.num_calls = 0
         self.last_token: int | None = None
         self.error: str | None = None  # strict: why the stream ended in an error
@@ -230,7 +234,7 @@ class ChatTranslator:
             except CompletionParseError:
                 continue
             calls = [e for e in events if isinstance(e, ToolCall)]
-            responses = self._responses([e for e in events if not isinstance(e, ToolCall)])
+            responses = self._responses([e for e in events if isinstance(e, ReasoningDelta | ContentDelta)])
             if calls and not self.strict:  # an unfinished call: its raw text is still the model's
                 rest = "".join(self._text)[self.parser.accounted :]
                 responses.append(pb.ChatResponse(delta=pb.ChatDelta(content=rest)))
@@ -240,6 +244,9 @@ class ChatTranslator:
         rest = "".join(self._text)[self.parser.accounted :]
         return [pb.ChatResponse(delta=pb.ChatDelta(content=rest))] if rest else []
 
+    def _call_id(self) -> str:
+        return f"call-{self.uid}-{self.num_calls}"
+
     def _responses(self, events: list[Any]) -> list[Any]:
         out: list[Any] = []
         for event in events:
@@ -247,8 +254,14 @@ class ChatTranslator:
                 out.append(pb.ChatResponse(delta=pb.ChatDelta(reasoning_content=event.text)))
             elif isinstance(event, ContentDelta):
                 out.append(pb.ChatResponse(delta=pb.ChatDelta(content=event.text)))
+            elif isinstance(event, ToolCallStart):
+                delta = pb.ToolCallDelta(index=self.num_calls, id=self._call_id(), name=event.name)
+                out.append(pb.ChatResponse(tool_call_delta=delta))
+            elif isinstance(event, ArgumentsDelta):
+                delta = pb.ToolCallDelta(index=self.num_calls, arguments=event.text)
+                out.append(pb.ChatResponse(tool_call_delta=delta))
             elif isinstance(event, ToolCall):
-                call_id = f"call-{self.uid}-{self.num_calls}"
+                call_id = self._call_id()
                 self.num_calls += 1
                 out.append(
                     pb.ChatResponse(tool_call=pb.ToolCall(id=call_id, name=event.name, arguments=event.arguments_json))

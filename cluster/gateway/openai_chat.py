@@ -9,8 +9,8 @@ gRPC one), and each `ChatResponse` the translator yields becomes an OpenAI chunk
 - Thinking on / off: `thinking: {"type": "enabled" | "disabled"}` (DeepSeek),
   `chat_template_kwargs: {"thinking": true}` (vLLM / SGLang), else the server's default;
   `reasoning_effort` `high` / `max` (`low`, `medium` -> high; `xhigh` -> max).
-- `tools`, `tool_choice` `auto` / `none` (others: 400), `tool_calls` in the answer; a tool
-  call is sent whole once the model has closed it (finish_reason `tool_calls`).
+- `tools`, `tool_choice` `auto` / `none` (others: 400), `tool_calls` in the answer (finish
+  reason `tool_calls`); streamed, a call's arguments arrive as the model writes them.
 - `stream` (server-sent events, `data: [DONE]`), `stream_options.include_usage` (with
   `prompt_tokens_details.cached_tokens`), `logprobs` / `top_logprobs`, `stop`, `seed`,
   `max_tokens` / `max_completion_tokens`, `n`, `temperature`, `top_p` (and `top_k`, `min_p`).
@@ -157,6 +157,7 @@ class Choice:
         self.calls: list[dict[str, Any]] = []
         self.logprobs: list[dict[str, Any]] = []
         self.finish: Any = None
+        self.streamed = 0  # calls whose deltas were sent
 
     def delta(self, response: Any, top_n: int) -> dict[str, Any] | None:
         """The chunk choice for one ChatResponse (None for the Finish: `finish` keeps it)."""
@@ -177,11 +178,20 @@ class Choice:
             if d.logprobs:
                 logprobs = logprobs_json(d.logprobs, top_n, self.tokenizer)
                 self.logprobs += logprobs
+        elif kind == "tool_call_delta":  # a call as it is written: streamed piece by piece
+            d = response.tool_call_delta
+            piece: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
+            if d.id:
+                piece.update(id=d.id, type="function")
+                piece["function"]["name"] = d.name
+                self.streamed = d.index + 1
+            delta["tool_calls"] = [piece]
         elif kind == "tool_call":
             call = {"id": response.tool_call.id, "type": "function",
                     "function": {"name": response.tool_call.name, "arguments": response.tool_call.arguments}}
             self.calls.append(call)
-            delta["tool_calls"] = [{"index": len(self.calls) - 1, **call}]
+            if len(self.calls) > self.streamed:  # (not streamed before: send it whole)
+                delta["tool_calls"] = [{"index": len(self.calls) - 1, **call}]
         out: dict[str, Any] = {"index": self.index, "delta": delta, "finish_reason": None}
         if logprobs is not None:
             out["logprobs"] = {"content": logprobs}

@@ -14,8 +14,16 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encoding import CompletionParseError, DeepSeekV4Tokenizer, parse_message_from_completion_text
-from tests.encoding.support import BOS, DSML, EOS, dsml_calls, split_at, stream_pieces
+from encoding import (
+    ArgumentsDelta,
+    CompletionParseError,
+    DeepSeekV4Tokenizer,
+    StreamingParser,
+    ToolCall,
+    ToolCallStart,
+    parse_message_from_completion_text,
+)
+from tests.encoding.support import BOS, DSML, EOS, collect, dsml_calls, split_at, stream_pieces
 
 FORBIDDEN = (BOS, EOS, "<think>", "</think>", DSML)
 # Pieces of markers, so that random text keeps almost-matching them.
@@ -127,6 +135,36 @@ def test_valid_completion_any_character_split(parts: tuple, data: st.DataObject)
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
     assert stream_pieces(split_at(text, cuts), mode) == parsed
     assert stream_pieces(list(text), mode) == parsed
+
+
+@SETTINGS
+@given(parts=completions, data=st.data())
+def test_streamed_arguments_add_up_to_each_call(parts: tuple, data: st.DataObject) -> None:
+    """stream_arguments: per call a ToolCallStart (its name), then ArgumentsDelta pieces that
+    concatenate to exactly the ToolCall's arguments_json, whatever the cuts; the folded
+    message is the one the batch parser returns."""
+    reasoning, content, calls = parts
+    mode = "chat" if reasoning is None else "thinking"
+    text = build(reasoning, content, calls)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
+    for pieces in (split_at(text, cuts), list(text)):
+        parser = StreamingParser(mode, stream_arguments=True)
+        events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish()
+        assert collect(events) == parse_message_from_completion_text(text, mode)
+        starts, streamed, whole = [], [], []
+        for event in events:
+            if isinstance(event, ToolCallStart):
+                starts.append(event.name)
+                streamed.append("")
+            elif isinstance(event, ArgumentsDelta):
+                assert len(streamed) == len(starts) > len(whole), "a piece outside an open call"
+                streamed[-1] += event.text
+            elif isinstance(event, ToolCall):
+                whole.append(event.arguments_json)
+                assert len(whole) == len(starts), "a ToolCall without its ToolCallStart"
+        assert starts == [name for name, _ in calls]
+        assert streamed == whole
+        assert [json.loads(s) for s in streamed] == [a for _, a in calls]
 
 
 @SETTINGS
