@@ -166,6 +166,14 @@ class Transformer(nn.Module):
     def new_mtp_state(self, k: int = 0) -> SeqState:
         return self.mtp_kv[k].new_seq()
 
+    def lay_out_head(self) -> None:
+        """Store the head's weight column-major (its [d, vocab] transpose contiguous, still
+        seen as [vocab, d]). A decode step's head GEMM is a few rows against the whole vocab;
+        CPU BLAS reads this layout 2.6x faster for 1 row and 1.3x for 32 (`dsv4 bench decode`).
+        Same values; the GEMM's fp32 rounding may differ in the last bit."""
+        w = self.head.weight
+        w.data = w.data.t().contiguous().t()
+
     def set_kernel_path(self, on: bool | None) -> None:
         """Attention through kernels/ (True), pure torch (False), or per device (None: GPU -> kernels)."""
         for blk in (*self.layers, *self.mtp):

@@ -80,12 +80,31 @@ def filtered_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     return x
 
 
+_ARGMAX_BLOCK = 128
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] int64, exactly `logits.argmax(-1)` (the first of tied maxima).
+
+    In two passes when V is a multiple of 128: each block's max (a reduction along
+    contiguous memory, which CPUs vectorize), the first block holding the row's max, then
+    the first max inside that block. 7x faster than one argmax at B = 32 on CPU, whose
+    argmax kernel is not vectorized (`dsv4 bench decode`)."""
+    b, v = logits.shape
+    if v % _ARGMAX_BLOCK or v <= _ARGMAX_BLOCK:
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(b, v // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(b, device=logits.device), first].argmax(dim=-1)
+    return first * _ARGMAX_BLOCK + inner
+
+
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
     """logits [B, V] fp32 -> (tokens [B] int64, chosen logprobs [B] or None, (top ids, top logprobs) or None).
 
     Logprobs are of the model's raw distribution (before temperature and filters).
     """
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax(logits)
     rows = (sb.temperature > 0).nonzero().squeeze(1)
     if rows.numel():  # only the sampled rows pay for filtering and the CDF
         sub = SamplingBatch(*(t[rows] for t in (sb.temperature, sb.top_p, sb.top_k, sb.min_p, sb.uniforms)), 0)

@@ -158,6 +158,7 @@ def load_model(
     cfg = ModelConfig.from_json(Path(path) / "config.json")
     model = Transformer(cfg, dtype=dtype, simulate_quant=simulate_quant, expert_ids=expert_ids)
     load_weights(model, path, progress=progress, pack=resident_quant)
+    model.lay_out_head()
     if device is not None and torch.device(device) != model.embed.weight.device:
         model.to(device)
         model.configure_kv()  # the KV pool follows the weights

@@ -83,12 +83,11 @@ def bench_serve_main(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from cluster.assembly.build import build_instance, compute_dtype
+    from cluster.assembly.build import build_instance, compute_dtype, serving_threads
     from cluster.assembly.manifest import parse_manifest
     from cluster.assembly.model_cache import ensure_preset_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(serving_threads(args.threads))  # as dsv4 serve picks them
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:

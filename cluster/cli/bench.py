@@ -24,11 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default: 32)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype (default: auto = bfloat16 where the CPU has native bf16, else float32)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: as dsv4 serve picks them: all cores but one)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=_bench_serve)
     _add_ep_parser(bsub)
+    _add_decode_parser(bsub)
 
 
 EP_DESCRIPTION = """\
@@ -72,6 +74,35 @@ def _add_ep_parser(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench_ep)
 
 
+
+
+def _add_decode_parser(bsub: argparse._SubParsersAction) -> None:
+    from cluster.bench import decode
+
+    p = bsub.add_parser(
+        "decode",
+        help="the decode step alone: ms, tok/s, aten ops, host syncs, % of roofline, vs HF's decode step",
+        description=decode.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--presets", default="tiny,small", help="comma-separated model presets (default: tiny,small)")
+    p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prefill tokens per sequence (default: 64)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps (default: 16)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default: 3)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype (default: auto = bfloat16 where the CPU has native bf16, else float32)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: as dsv4 serve picks them: all cores but one)")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=_bench_decode)
+
+
+def _bench_decode(args: argparse.Namespace) -> None:
+    from cluster.bench.decode import bench_decode_main
+
+    bench_decode_main(args)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:

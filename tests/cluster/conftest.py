@@ -1,5 +1,6 @@
 """Fixtures shared by the cluster tests: a real two-node Ray cluster on loopback addresses
-(one per test module that asks for it: `ray stop` ends it with the module)."""
+(one per test module that asks for it), stopped with the module by its own processes' PIDs
+(never `ray stop`: it would stop every Ray process on the machine)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.cluster.processes import ray_cluster_processes, stop_processes
 
 
 def _ray_cli() -> str:
@@ -44,7 +47,8 @@ def ray_cluster(tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_processes(ray_cluster_processes(f"127.0.0.2:{port}"))
+        assert not ray_cluster_processes(f"127.0.0.2:{port}"), "processes of the test's Ray cluster survived"
 
 
 

@@ -141,3 +141,20 @@ def test_top_k_stable_is_a_stable_sort_prefix():
         scores[3, ::2] = torch.randn((width + 1) // 2, generator=gen)  # ties only below the k-th value
         want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(top_k_stable(scores, k), want), (width, k)
+
+
+@pytest.mark.parametrize("n", [3, 4, 130])  # no compressed entry yet, the first 4x entry, the first 128x one
+def test_export_import_continues_exactly(model, n):
+    """A state exported (the KV handoff's message) and imported into a new slot decodes the
+    next token to the same logits as the original, down to states with no entries yet."""
+    ids = torch.randint(3, model.cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(n))
+    st = model.new_state()
+    model(Batch.build([ids[:n]], [st]), [st])
+    exported = model.kv.export(st)
+    assert [[e.shape[0] for e in layer] for layer in exported.entries] == [
+        [n // c.ratio for c in (layer.compressor, layer.indexer) if c is not None] for layer in model.kv.layers]
+    twin = model.kv.import_(exported)
+    logits = [model.logits(model(Batch.build([ids[n:]], [s]), [s])) for s in (st, twin)]
+    assert torch.equal(logits[0], logits[1])
+    st.free()
+    twin.free()

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from workers.sampler import SamplingBatch, filtered_logits, sample, uniform
+from workers.sampler import SamplingBatch, argmax, filtered_logits, sample, uniform
 
 
 def batch(n: int, t=1.0, p=1.0, k=0, m=0.0, seed=0, counter=0, lp=0) -> SamplingBatch:
@@ -63,3 +64,18 @@ def test_logprobs_are_raw_log_softmax():
     torch.testing.assert_close(chosen, logp.gather(1, tokens[:, None]).squeeze(1))
     torch.testing.assert_close(top_vals, logp.topk(4, -1).values)
     assert torch.equal(top_ids, logp.topk(4, -1).indices)
+
+
+@pytest.mark.parametrize("vocab", [129280, 1024, 130, 128, 7])
+def test_two_pass_argmax_is_torch_argmax_ties_and_nan_included(vocab):
+    """The oracle is torch's own argmax: the first of tied maxima, NaN counted as the largest."""
+    gen = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(-3, 4, (16, vocab), generator=gen).float()  # many equal maxima, across blocks
+    ties[3] = float("-inf")
+    ties[4, vocab // 2] = float("inf")
+    ties[5, -1] = float("nan")
+    ties[6, [vocab // 3, -1]] = float("nan")
+    for logits in (ties, torch.randn(32, vocab, generator=gen), torch.randn(1, vocab, generator=gen)):
+        assert torch.equal(argmax(logits), logits.argmax(-1))
+    wide = torch.randn(4, 2 * vocab, generator=gen)[:, ::2]  # a strided view
+    assert torch.equal(argmax(wide), wide.argmax(-1))

@@ -11,15 +11,6 @@ from cluster.cli.main import build_parser, main
 from workers.presets import preset_config
 
 
-@pytest.fixture
-def tiny_cache(tiny_checkpoint, tmp_path, monkeypatch):
-    """A $DSV4_CACHE whose tiny preset is the session's tiny checkpoint (nothing to generate)."""
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny-seed0").symlink_to(tiny_checkpoint, target_is_directory=True)
-    monkeypatch.setenv("DSV4_CACHE", str(tmp_path))
-    return tmp_path
-
-
 def test_bench_ep_prints_a_row_per_worker_count(tiny_cache, tmp_path, capsys):
     batch, steps = 4, 2
     out = tmp_path / "ep.json"

@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from protos import load as load_protos
+from tests.cluster.processes import children_of, cluster_processes, ray_cluster_processes, stop_processes
 
 pb, pb_grpc = load_protos()
 ROOT = Path(__file__).resolve().parents[3]
@@ -122,61 +123,6 @@ def login_script(tmp: Path) -> None:
     login.chmod(0o755)
 
 
-def cluster_processes(marker: str) -> list[int]:
-    """PIDs whose command line contains `marker` (read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant of `pid` (from /proc/*/stat's parent field)."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
-def stop_processes(pids: list[int]) -> None:
-    """SIGTERM, then SIGKILL after 10 s, each of `pids` (ours: found by a marker of this test)."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-            time.sleep(0.1)
-        pids = [pid for pid in pids if _alive(pid)]
-        if not pids:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def sshd(tmp_path):
     ensure_ssh_tools()
@@ -237,11 +183,11 @@ def test_ray_up_two_nodes_serve_chat_down(sshd, tiny_checkpoint):
         t_down = time.monotonic()
         down = run([ray, "down", "-y", str(config)], timeout=60, check=False)
         t_down = time.monotonic() - t_down
-        leftover = ours(marker, port, tmp)
+        leftover = ours(marker, tmp)
         stop_processes(leftover)
     remove_bootstrap_files(cluster_name, tmp / "id")
     assert down.returncode == 0, f"ray down: {down.returncode} after {t_down:.0f}s\n{down.stdout[-2000:]}"
-    assert not ours(marker, port, tmp), "processes of the cluster survived"
+    assert not ours(marker, tmp), "processes of the cluster survived"
 
 
 def remove_bootstrap_files(cluster_name: str, key: Path) -> None:
@@ -252,16 +198,13 @@ def remove_bootstrap_files(cluster_name: str, key: Path) -> None:
         pem.unlink()
 
 
-def ours(marker: str, port: int, tmp: Path | None = None) -> list[int]:
-    """This cluster's processes: found by its GCS address or port (the agents Ray renames
-    are children of its raylets), and the SSH control masters that used the test's key."""
-    pids = set(cluster_processes(marker)) | set(cluster_processes(f"--gcs_server_port={port}"))
-    pids |= {child for pid in list(pids) for child in children_of(pid)}
-    return sorted(pids | (set(cluster_processes(str(tmp / "id"))) if tmp else set()))
+def ours(marker: str, tmp: Path | None = None) -> list[int]:
+    """This cluster's processes, and the SSH control masters that used the test's key."""
+    return sorted(set(ray_cluster_processes(marker)) | (set(cluster_processes(str(tmp / "id"))) if tmp else set()))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["stop"]:  # the nodes' `ray stop` (see login_home)
-    stop_processes(ours(sys.argv[2], int(sys.argv[2].rsplit(":", 1)[1])))
+    stop_processes(ours(sys.argv[2]))
 
 
 class Server:
