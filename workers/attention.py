@@ -171,7 +171,7 @@ class Attention(nn.Module):
         if fused and k:  # one sequence's keys, scored and selected by the fused kernel
             picked = kernels.indexer_topk(*c.idx_q, read_keys(0, n_keys), counts, k).long()
         else:
-            picked = self.indexer.select(*c.idx_q, counts, read_keys)
+            picked = self.indexer.select(*c.idx_q, counts, read_keys, n=n_keys)
         return picked, lambda ids: pool.compressor.read(table.expand(ids.shape[0], -1), ids)
 
     def _attend(
@@ -248,7 +248,8 @@ class Attention(nn.Module):
                                                         pool.indexer.epp, counts, k).long()  # fmt: skip
                 else:
                     picked = self.indexer.select(*idx_q, counts,
-                                                 lambda t0, t1: pool.indexer.read_span(view.page_table, t0, t1))
+                                                 lambda t0, t1: pool.indexer.read_span(view.page_table, t0, t1),
+                                                 n=most)  # fmt: skip
                 rows.append(pool.entry_rows(view.page_table, picked.clamp(min=0)))
                 masks.append(picked >= 0)
         rows, mask = torch.cat(rows, dim=1), torch.cat(masks, dim=1)

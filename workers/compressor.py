@@ -80,13 +80,14 @@ class Compressor(nn.Module):
         inv_freq: torch.Tensor, simulate_quant: bool,
     ) -> None:  # fmt: skip
         """Decode: one new row per sequence (kv/score [B, coff*c] at `positions` [B]); the
-        blocks completed this step are pooled together in one batch."""
+        blocks completed this step (rows `view.closing[ratio]`, known on the host) are
+        pooled together in one batch."""
         r, ring = self.ratio, pool.ring
         score = score + self.ape[positions % r]
         pool.ring_kv[view.slots, positions % ring] = kv
         pool.ring_score[view.slots, positions % ring] = score
-        closing = ((positions + 1) % r == 0).nonzero().squeeze(1)
-        if closing.numel() == 0:
+        closing = view.closing[r]
+        if closing.numel() == 0:  # a host-side shape: no sync
             return
         last = positions[closing]
         held = last[:, None] + 1 - ring + torch.arange(ring, device=kv.device)  # the positions each closing block reads

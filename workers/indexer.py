@@ -22,26 +22,23 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the k largest scores per row [R, W] -> [R, k], largest first, ties to the
     earlier column: what a stable descending sort's first k columns are, without sorting W.
 
-    torch.topk picks a set; it is the right one unless the row's (k+1)-th score equals its
-    k-th (then topk broke a tie in no particular order). Those rows
-    (rare with real scores; rows with fewer than k visible entries, all -inf past them)
-    take the exact path: every score above the k-th value, then the earliest of those
-    equal to it. The k picked columns are then ordered by score, ties by column."""
+    torch.topk picks a set but breaks ties across the cut in no particular order, so it
+    gives only each row's k-th value: the row keeps every score above it, then the earliest
+    of those equal to it (rows with fewer than k visible entries, all -inf past them, keep
+    the earliest -inf ones). Every row takes this exact path, with static shapes: no host
+    sync, nothing depends on the data but values. The k columns, found in column order,
+    are then ordered by score, ties by column."""
     if k == 0 or scores.shape[1] <= k:
         return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    vals, cols = torch.topk(scores, k + 1, dim=1)  # one more: a tie across the cut shows as vals[k] == vals[k-1]
-    kth, cols = vals[:, k - 1 : k], cols[:, :k]
-    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
-    if tied.numel():
-        sub = scores[tied]
-        above, equal = sub > kth[tied], sub == kth[tied]
-        need = k - above.sum(dim=1, keepdim=True)
-        take = above | (equal & (equal.cumsum(dim=1) <= need))
-        cols[tied] = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k columns, in column order
-    cols = cols.sort(dim=1).values  # by column, so the stable sort below breaks ties by column
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above, equal = scores > kth, scores == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    take = above | (equal & (equal.cumsum(dim=1) <= need))  # exactly k per row
+    slot = torch.where(take, take.cumsum(dim=1) - 1, k)  # where each taken column goes; k: nowhere
+    cols = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    cols = torch.empty(scores.shape[0], k + 1, dtype=torch.int64, device=scores.device).scatter_(1, slot, cols)[:, :k]
     order = torch.sort(scores.gather(1, cols), dim=-1, descending=True, stable=True).indices
     return cols.gather(1, order)
-
 
 
 class Indexer(nn.Module):
@@ -68,7 +65,7 @@ class Indexer(nn.Module):
 
     def select(
         self, q: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, read: Callable[[int, int], torch.Tensor],
-        tile: int | None = None,
+        tile: int | None = None, n: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """q [R, nI, cI], w [R, nI]; row r sees its first counts[r] keys; `read(a, b)` gives keys
         a..b-1, shared by every row [b-a, cI] (one sequence's prefill chunk) or per row
@@ -78,9 +75,11 @@ class Indexer(nn.Module):
         `tile` at a time (default 16384) with a running top-k, and rows in blocks, so memory
         is bounded (~64 MiB of scores), never [R, N/4] (a 1M-token sequence has 262144
         keys). Ties keep the earlier entry (the running best come first in each stable
-        selection), so any chunking or tiling picks the same set."""
+        selection), so any chunking or tiling picks the same set. `n` is max(counts) when the
+        caller knows it (a decode step knows it on the host: then nothing here syncs)."""
         rows, dev = q.shape[0], q.device
-        n = int(counts.max()) if counts.numel() else 0
+        if n is None:
+            n = int(counts.max()) if counts.numel() else 0
         k = min(self.topk, n)
         best_s = torch.empty(rows, 0, device=dev)
         best_i = torch.empty(rows, 0, dtype=torch.int64, device=dev)
@@ -96,8 +95,7 @@ class Indexer(nn.Module):
                 kb = keys if keys.dim() == 2 else keys[b]
                 s = torch.einsum("bhc,nc->bhn" if kb.dim() == 2 else "bhc,bnc->bhn", qf[b], kb).relu_()
                 s = torch.einsum("bhn,bh->bn", s, w[b])
-                if ids[-1] >= counts[b].min():  # some row does not see the whole tile
-                    s.masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))
+                s.masked_fill_(ids[None, :] >= counts[b, None], float("-inf"))  # keys a row does not see yet
                 top = top_k_stable(s, min(k, s.shape[1]))  # the tile's best, then merged with the running best
                 s, i = torch.cat((best_s[b], s.gather(1, top)), dim=1), torch.cat((best_i[b], ids[top]), dim=1)
                 order = top_k_stable(s, k)

@@ -80,10 +80,13 @@ class SeqExport:
 @dataclass(frozen=True)
 class StepView:
     """The batch's addresses for one forward: slot [B] and page table [B, max pages] tensors
-    (padded with page 0, always a valid page, so padded lookups stay in bounds)."""
+    (padded with page 0, always a valid page, so padded lookups stay in bounds); on a
+    decode step (one token per sequence) also, per compress ratio, the rows whose block
+    closes with this token [n] -- decided on the host, so the forward never asks the device."""
 
     slots: torch.Tensor
     page_table: torch.Tensor
+    closing: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class CompressorPool:
@@ -127,7 +130,7 @@ class CompressorPool:
         once, not row by row (a decode indexer pass reads every key of every row)."""
         assert start % self.epp == 0, f"a span starts on a page, got entry {start}"
         pages = page_table[..., start // self.epp : -(-end // self.epp)]
-        if pages.numel() and pages.shape[:-1].numel() == 1:  # one sequence: its pages may be one run
+        if pages.numel() and page_table.dim() == 1:  # one sequence's chunk (prefill): its pages may be one run
             first = int(pages.reshape(-1)[0])
             if bool((pages.reshape(-1) == torch.arange(first, first + pages.shape[-1], device=pages.device)).all()):
                 run = self.entries[first * self.epp : first * self.epp + end - start]  # a view: nothing copied
@@ -339,7 +342,13 @@ class KVPool:
         dev = self.device
         table = torch.tensor(table, dtype=torch.int64, device=dev) if width else torch.zeros(
             len(states), 1, dtype=torch.int64, device=dev)  # fmt: skip
-        return StepView(torch.tensor([st.slot for st in states], dtype=torch.int64, device=dev), table)
+        slots = torch.tensor([st.slot for st in states], dtype=torch.int64, device=dev)
+        if not states or any(n != 1 for n in chunk_lens):
+            return StepView(slots, table)
+        ratios = {c.ratio for layer in self.layers for c in _comps(layer)}
+        closing = {r: torch.tensor([i for i, st in enumerate(states) if (st.num_tokens + 1) % r == 0],
+                                   dtype=torch.int64, device=dev) for r in ratios}  # fmt: skip
+        return StepView(slots, table, closing)
 
 
 def _comps(layer: LayerPool) -> list[CompressorPool]:

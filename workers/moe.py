@@ -96,7 +96,7 @@ class ExpertGroup(nn.Module):
         """
         dtype = self.compute_dtype if self.is_packed else self.w1.dtype
         order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=len(self.expert_ids))
+        counts = expert_counts(local_ids, len(self.expert_ids))
         xs = x[order].to(dtype)
         xs = act_qdq(xs) if self.act_quant else xs
         gemm = self._gemm(counts, xs)
@@ -134,6 +134,11 @@ class ExpertGroup(nn.Module):
         return w.view(*packed.shape[:2], -1).to(self.compute_dtype)
 
 
+def expert_counts(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Rows per expert [E] of ids [P]: `bincount` without its host sync on CUDA (it reads the max)."""
+    return torch.zeros(experts, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [P, in] sorted by group, w [G, out, in], counts [G] -> [P, out]: row block g times w[g]^T."""
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
@@ -168,15 +173,17 @@ class MoE(nn.Module):
         to_local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
         to_local[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
         self.register_buffer("to_local", to_local, persistent=False)  # global expert id -> local, -1 elsewhere
+        self.all_local = len(ids) == cfg.n_routed_experts  # then every pick is routed here: no filtering
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [T, d] (ffn_norm output) -> [T, d] in x's dtype."""
         weights, ids = self.gate(x, input_ids)
         k = ids.shape[1]
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
-        local = self.to_local[ids.flatten()]
-        keep = local >= 0
-        rows, local, weights = rows[keep], local[keep], weights.flatten()[keep]
+        local, weights = self.to_local[ids.flatten()], weights.flatten()
+        if not self.all_local:  # an expert-parallel part: only the picks of experts held here
+            keep = local >= 0
+            rows, local, weights = rows[keep], local[keep], weights[keep]
         routed = self.experts(x[rows], local, weights)
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, routed)
         y += self.shared_experts(x).float()

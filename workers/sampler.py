@@ -40,6 +40,11 @@ class SamplingBatch:
     min_p: torch.Tensor  # fp32
     uniforms: torch.Tensor  # fp64 draws, one per row
     num_logprobs: int  # max top-n alternatives asked by any row
+    # Known on the host, so that sampling decides nothing from device values (no sync):
+    sampled: bool = True  # some row has temperature > 0
+    max_top_k: int = 1 << 62  # the largest top_k of any row (0: top-k is off everywhere)
+    min_p_on: bool = True  # some row has min_p > 0
+    top_p_on: bool = True  # some row has top_p < 1
 
     @classmethod
     def build(cls, rows: list[tuple[float, float, int, float, int, int, int]],
@@ -54,24 +59,28 @@ class SamplingBatch:
             min_p=torch.tensor(m, dtype=torch.float32, device=device),
             uniforms=torch.tensor(draws, dtype=torch.float64, device=device),
             num_logprobs=max(lp),
+            sampled=any(x > 0 for x in t), max_top_k=max(max(k), 0), min_p_on=any(x > 0 for x in m),
+            top_p_on=any(x < 1 for x in p),
         )
 
 
 def filtered_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Temperature-scaled logits [B, V] with top-k, min-p and top-p applied (-inf = removed)."""
+    """Temperature-scaled logits [B, V] with top-k, min-p and top-p applied (-inf = removed).
+
+    Each filter runs over the whole batch when any row asks for it (rows that do not ask
+    pass through it unchanged): shapes are static and nothing reads device values."""
     temp = torch.where(sb.temperature > 0, sb.temperature, torch.ones_like(sb.temperature))
     x = logits.float() / temp[:, None]
-    if bool((sb.top_k > 0).any()):
+    if sb.max_top_k > 0:
         k = sb.top_k.clamp(min=0, max=x.shape[-1])
-        kmax = int(k.max())
-        kth = x.topk(kmax, dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
+        kth = x.topk(min(sb.max_top_k, x.shape[-1]), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
         kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
         x = x.masked_fill(x < kth, float("-inf"))
-    if bool((sb.min_p > 0).any()):
+    if sb.min_p_on:
         probs = x.softmax(dim=-1)
         floor = sb.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         x = x.masked_fill(probs < floor, float("-inf"))
-    if bool((sb.top_p < 1).any()):
+    if sb.top_p_on:
         sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
         sorted_p = sorted_x.softmax(dim=-1)
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= sb.top_p[:, None]  # mass before a token already enough
@@ -105,14 +114,12 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch
     Logprobs are of the model's raw distribution (before temperature and filters).
     """
     tokens = argmax(logits)
-    rows = (sb.temperature > 0).nonzero().squeeze(1)
-    if rows.numel():  # only the sampled rows pay for filtering and the CDF
-        sub = SamplingBatch(*(t[rows] for t in (sb.temperature, sb.top_p, sb.top_k, sb.min_p, sb.uniforms)), 0)
-        probs = filtered_logits(logits[rows], sub).softmax(dim=-1).double()
+    if sb.sampled:  # every row is drawn (static shapes); the greedy ones keep their argmax
+        probs = filtered_logits(logits, sb).softmax(dim=-1).double()
         cdf = probs.cumsum(dim=-1)
-        target = (sub.uniforms * cdf[:, -1])[:, None]
-        drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
-        tokens[rows] = drawn.clamp(max=logits.shape[-1] - 1)
+        target = (sb.uniforms * cdf[:, -1])[:, None]
+        drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+        tokens = torch.where(sb.temperature > 0, drawn, tokens)
     if sb.num_logprobs <= 0:
         return tokens, None, None
     logp = logits.float().log_softmax(dim=-1)
