@@ -26,7 +26,11 @@ the layers from it just before it imports them into its pool:
   pass refs nested in a plan, `ray.put` does not take gloo/nccl, and an actor joins one
   collective group per backend.)
 
-Every ticket has `num_tokens`, its layout (`layout_of`: per layer, the (shape, dtype) of
+Every ticket has `num_tokens`, per layer the checksum of what was shipped (`checksum`:
+computed on the prefill worker as each layer leaves its pool, verified by the decode
+worker on what it fetched, before anything is imported: a state corrupted or cut short
+on the way fails its request, which the engine's handoff failure policy recomputes or
+fails, instead of decoding garbage), its layout (`layout_of`: per layer, the (shape, dtype) of
 each tensor, checked before the decode side allocates anything), `nbytes()` and
 `fetch(timeout)`; `discard(ticket)` lets go of one that will not be fetched (a request
 refused or ended before its import: its `discard()`, where it has one), so its holder
@@ -40,6 +44,7 @@ import math
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,6 +71,48 @@ def signature(tensors: Any) -> Signature:
 
 def layer_bytes(piece: LayerState) -> int:
     return sum(t.numel() * t.element_size() for part in piece for t in part)
+
+
+_CHUNK = 1 << 22  # bytes per checksum op (bounds the int64 temporaries)
+_MOD = 65521  # Fletcher/Adler's prime: position weights stay small, sums never overflow int64
+
+
+def checksum(piece: LayerState) -> torch.Tensor:
+    """A Fletcher-style checksum of one layer's tensors: (sum of bytes, position-weighted
+    sum of bytes) as an int64 pair on the tensors' device, the same on any device. Left
+    on the device (no host sync inside the forward); `checksum_value` reads it."""
+    tensors = [t for part in piece for t in part]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    offset = 0
+    for t in tensors:
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, data.numel(), _CHUNK):
+            b = data[start : start + _CHUNK].to(torch.int64)
+            w = torch.arange(offset + start, offset + start + b.numel(), device=device, dtype=torch.int64) % _MOD + 1
+            total += torch.stack([b.sum(), (b * w).sum()])
+        offset += data.numel() + 1  # (a byte moved across a tensor boundary changes the weights)
+    return total
+
+
+def checksum_value(total: torch.Tensor, slots: Signature, entries: Signature) -> int:
+    """One int from a `checksum` pair, with the layer's shapes and dtypes (its signatures)
+    folded in (crc32 of their text: the same in every process)."""
+    s1, s2 = (int(v) for v in total.tolist())
+    return (s2 << 32 | s1 & 0xFFFFFFFF) ^ zlib.crc32(repr((slots, entries)).encode())
+
+
+def verify(state: SeqExport, checksums: list[int] | None) -> str | None:
+    """Why a fetched state is not what was shipped (None: every layer's checksum matches)."""
+    layers = list(zip(state.slot_state, state.entries, strict=False))
+    if checksums is None:
+        return "the handed-off state carries no checksums"
+    if len(checksums) != len(layers):
+        return f"the handed-off state has {len(layers)} layers, its checksums {len(checksums)}"
+    for i, (piece, expected) in enumerate(zip(layers, checksums, strict=True)):
+        if checksum_value(checksum(piece), signature(piece[0]), signature(piece[1])) != expected:
+            return f"layer {i} of the handed-off state does not match its checksum (corrupted on the way)"
+    return None
 
 
 def discard(ticket: Any) -> None:
@@ -100,9 +147,9 @@ class Carrier:
         """Called as soon as a layer's part of an exported state is final."""
         return piece
 
-    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> Any:
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int, checksums: list[int]) -> Any:
         """What the engine passes on, once every layer was shipped."""
-        return SeqExport(num_tokens, [s for s, _ in shipped], [e for _, e in shipped])
+        return SeqExport(num_tokens, [s for s, _ in shipped], [e for _, e in shipped], checksums)
 
     def fetch(self, ticket: Any, timeout: float) -> SeqExport:
         """The decode side: the state a ticket stands for, here (`HandoffFetchError` if it cannot come)."""
@@ -147,6 +194,7 @@ class PulledState:
     bytes: int
     source: Endpoint
     key: str
+    checksums: list[int] | None = None
 
     def nbytes(self) -> int:
         return self.bytes
@@ -178,7 +226,8 @@ class CollectiveCarrier(Carrier):
         self._stream: Any = None  # CUDA: the side stream of the channel's sends and receives
         self._lock = threading.Lock()
 
-    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> PulledState:
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int,
+               checksums: list[int]) -> PulledState:  # fmt: skip
         if self.endpoint is None:
             raise RuntimeError("a collective carrier needs an endpoint before it hands a state off")
         key, now = uuid.uuid4().hex, time.monotonic()
@@ -186,7 +235,7 @@ class CollectiveCarrier(Carrier):
             for old in [k for k, (_, deadline) in self.held.items() if deadline < now]:
                 del self.held[old]
             self.held[key] = (shipped, now + self.hold_s)
-        return PulledState(num_tokens, layout, nbytes, self.endpoint, key)
+        return PulledState(num_tokens, layout, nbytes, self.endpoint, key, checksums)
 
     # -- the holding side (called through its endpoint) -----------------------------------
     def has(self, key: str) -> bool:

@@ -67,6 +67,7 @@ class SeqExport:
     num_tokens: int
     slot_state: list[list[torch.Tensor]]
     entries: list[list[torch.Tensor]]  # per layer: [compressor entries, indexer keys] present there
+    checksums: list[int] | None = None  # per layer, as shipped (workers/handoff.py `checksum`): the importer verifies
 
     def nbytes(self) -> int:
         tensors = [t for layer in (*self.slot_state, *self.entries) for t in layer]

@@ -14,7 +14,17 @@ import torch
 
 from router.stats import LayerStats
 from workers.ep import count_routing
-from workers.handoff import Carrier, HandoffFetchError, discard, layer_bytes, layout_of, signature
+from workers.handoff import (
+    Carrier,
+    HandoffFetchError,
+    checksum,
+    checksum_value,
+    discard,
+    layer_bytes,
+    layout_of,
+    signature,
+    verify,
+)
 from workers.kv_pool import KVPool, SeqExport, SeqState, Snapshot
 from workers.model import Batch, Transformer, grows_by
 from workers.sampler import SamplingBatch, sample
@@ -109,14 +119,19 @@ class ModelWorker:
         def after_layer(i: int) -> None:
             for uid, st, n in exporting:
                 piece = self.model.kv.export_layer(st, i, n)
-                self.outbox[uid].append((self.carrier.ship(piece), signature(piece[0]), signature(piece[1]),
-                                         layer_bytes(piece)))  # fmt: skip
+                self.outbox[uid].append(self._shipped(piece))
 
         self.model.after_layer = after_layer
         try:
             return self.model(batch, states)
         finally:
             self.model.after_layer = None
+
+    def _shipped(self, piece: tuple) -> tuple:
+        """A layer handed to the carrier: (what it shipped, slot and entry signatures, bytes,
+        its checksum, still on the device)."""
+        return (self.carrier.ship(piece), signature(piece[0]), signature(piece[1]), layer_bytes(piece),
+                checksum(piece))  # fmt: skip
 
     def _import(self, ticket: Any, timeout: float) -> SeqState:
         """A handed-off state, fetched through its carrier and checked, in this worker's pool."""
@@ -129,8 +144,8 @@ class ModelWorker:
         except HandoffFetchError as e:
             discard(ticket)  # (a holder still keeping it frees it now)
             raise ValueError(str(e)) from e
-        problem = self.check_import(state)
-        if problem is not None:  # a ticket whose layers do not match its own layout
+        problem = self.check_import(state) or verify(state, getattr(ticket, "checksums", None))
+        if problem is not None:  # layers that do not match the ticket's layout or checksums
             raise ValueError(problem)
         return self.model.kv.import_(state)
 
@@ -160,13 +175,10 @@ class ModelWorker:
         st = self.states[uid]
         shipped = self.outbox.pop(uid, None)
         if shipped is None or len(shipped) != len(self.model.kv.layers):
-            shipped = []
-            for i in range(len(self.model.kv.layers)):
-                piece = self.model.kv.export_layer(st, i)
-                shipped.append((self.carrier.ship(piece), signature(piece[0]), signature(piece[1]),
-                                layer_bytes(piece)))  # fmt: skip
+            shipped = [self._shipped(self.model.kv.export_layer(st, i)) for i in range(len(self.model.kv.layers))]
+        checksums = [checksum_value(s[4], s[1], s[2]) for s in shipped]
         ticket = self.carrier.ticket(st.num_tokens, [s[0] for s in shipped], [(s[1], s[2]) for s in shipped],
-                                     sum(s[3] for s in shipped))  # fmt: skip
+                                     sum(s[3] for s in shipped), checksums)  # fmt: skip
         self.release(uid)
         return ticket
 

@@ -121,7 +121,7 @@ def build_instance(manifest: Manifest, pool: PoolSpec | None = None, checkpoint:
         max_batch_tokens=sched.max_batch_tokens, max_running=sched.max_running, max_waiting=sched.max_waiting,
         max_model_len=min(sched.max_model_len, cfg.max_position_embeddings),
         prefix_cache=sched.prefix_cache and pool.role != "decode", handoff_timeout_s=sched.handoff_timeout_s,
-        context_parallel_min_tokens=pool.context_parallel_min_tokens,
+        context_parallel_min_tokens=pool.context_parallel_min_tokens, health_check_s=sched.health_check_s,
     )  # fmt: skip
     log.info(
         "model loaded (%s) in %.1fs: %d layers, %d experts, KV %.0f B/token + %.1f MiB/request, %d pages of %d tokens",

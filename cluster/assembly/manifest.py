@@ -12,9 +12,9 @@
     ray:       address
     scheduler: max_batch_tokens, max_running, max_waiting, max_model_len,
                kv_cache_bytes or kv_cache_gib, page_size, prefix_cache, handoff_failure,
-               handoff_timeout_s, handoff_transport
+               handoff_timeout_s, handoff_transport, health_check_s
     gateway:   host, port, metrics_port, http_port, strict_output_format, default_thinking,
-               served_model_name
+               served_model_name, max_request_bytes, max_prompt_tokens, tls {cert, key}
 
 Every key is optional (see the defaults below). Unknown keys and bad values are
 `ManifestError`s that carry the key path, e.g. ``scheduler.max_batch_tokens: must be
@@ -128,6 +128,10 @@ def _section(cls: type) -> dict[str, Parser]:
     return {"parse": lambda value, path: parse_section(cls, value, path)}
 
 
+def _optional_section(cls: type) -> dict[str, Parser]:
+    return {"parse": lambda value, path: None if value is None else parse_section(cls, value, path)}
+
+
 def _resources() -> dict[str, Parser]:
     """Custom Ray resources per worker: {name: amount > 0}."""
 
@@ -214,6 +218,7 @@ class SchedulerSpec:
     # how a handed-off state travels between Ray workers: the object store, or pulled over a group of two
     # (nccl between GPUs, gloo on CPU); auto: collective where both pools use nccl
     handoff_transport: str = field(default="auto", metadata=_choice(TRANSPORTS))
+    health_check_s: float = field(default=5.0, metadata=_positive_float())  # idle: ping the workers this often
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes is not None and self.kv_cache_gib is not None:
@@ -228,6 +233,16 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    cert: str = field(default="", metadata=_str())  # PEM certificate chain the gateway presents
+    key: str = field(default="", metadata=_str())  # its PEM private key
+
+    def __post_init__(self) -> None:
+        if not (self.cert and self.key):
+            raise ManifestError("gateway.tls", "needs both cert and key (PEM file paths)")
+
+
+@dataclass(frozen=True)
 class GatewaySpec:
     host: str = field(default="127.0.0.1", metadata=_str())  # address to listen on
     port: int = field(default=50051, metadata=_int(0, 65535))  # 0 = any free port
@@ -237,6 +252,10 @@ class GatewaySpec:
     http_port: int | None = field(default=None, metadata=_int(0, 65535, optional=True))  # OpenAI API; null = off
     default_thinking: bool = field(default=False, metadata=_bool())  # thinking mode when a request does not say
     served_model_name: str | None = field(default=None, metadata=_str(optional=True))  # default: from the model
+    # the largest request body taken, in bytes (larger ones get RESOURCE_EXHAUSTED); grpc's default is 4 MiB
+    max_request_bytes: int = field(default=4 * 1024 * 1024, metadata=_int(1024, 2**31 - 1))
+    max_prompt_tokens: int | None = field(default=None, metadata=_int(1, optional=True))  # null: the context
+    tls: TlsSpec | None = field(default=None, metadata=_optional_section(TlsSpec))  # null: plaintext (loopback)
 
 
 @dataclass(frozen=True)

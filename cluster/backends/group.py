@@ -43,6 +43,7 @@ class GroupSpec:
 
 class WorkerGroup(Protocol):
     world_size: int  # ranks of the instance (expert-parallel workers)
+    state: str  # serving | rebuilding (a rank was lost; new ranks are starting) | down (a rebuild failed)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -63,6 +64,12 @@ class WorkerGroup(Protocol):
 
     def num_states(self) -> int:
         """Request states held over all ranks."""
+        ...
+
+    def check(self) -> None:
+        """Ask every rank whether it is alive (the engine does, while idle): a lost rank is
+        rebuilt, then EngineUnavailableError says every state is gone. A group that is
+        `down` tries its rebuild again here."""
         ...
 
     def routing_window(self) -> dict[int, LayerStats]:

@@ -62,8 +62,13 @@ class LocalWorkerGroup:
     def model_config(self) -> ModelConfig:
         return self.workers[0].model.cfg
 
+    state = "serving"  # threads of this process: never lost on their own
+
     def nodes(self) -> list[str]:
         return ["local"] * self.world_size
+
+    def check(self) -> None:
+        """Nothing can die apart from this process."""
 
     def stop(self) -> None:
         """Nothing to free: the workers go with this object."""

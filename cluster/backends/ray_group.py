@@ -30,6 +30,9 @@ from workers.step import StepPlan, StepResult
 
 log = logging.getLogger("dsv4.ray")
 
+PING_TIMEOUT_S = 10.0  # an idle actor that does not answer `ready` this fast is lost
+INFO_TIMEOUT_S = 0.5  # routing stats for GetServerInfo / metrics: left out when a step holds the actors longer
+
 
 class WorkerLostError(EngineUnavailableError):
     """A worker actor died or stopped answering; its instance is being rebuilt."""
@@ -146,6 +149,7 @@ class RayWorkerGroup:
         self.prefix_rank: dict[str, int] = {}  # cached prefix key -> rank keeping it
         self.exporting: dict[str, int] = {}  # uid -> rank, while the driver waits for its export
         self.cp = ContextParallelPlan(world_size)
+        self.state = "serving"
         self._start()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -195,22 +199,61 @@ class RayWorkerGroup:
         remove_placement_group(self.pg)
 
     def rebuild(self) -> None:
+        """New actors (and placement group) for all ranks; `state` says how it went. On
+        failure the group is `down` and the error propagates; `check` tries again."""
         log.warning("rebuilding the ray instance (%d workers)", self.world_size)
-        self.stop()
-        self._start()
+        self.state = "rebuilding"
+        try:
+            self.stop()
+            self._start()
+        except Exception:
+            self.state = "down"
+            raise
         self.stopped = False
+        self.state = "serving"
+
+    def check(self) -> None:
+        """Ping every actor (`ping_timeout`); a dead or unanswering one rebuilds the group."""
+        import ray
+
+        if self.stopped and self.state == "serving":  # stopped on purpose
+            return
+        if self.state == "down":
+            self._rebuild_after("the last rebuild failed")
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=PING_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self._rebuild_after(f"a worker of the instance was lost ({type(e).__name__})")
+
+    def _rebuild_after(self, why: str) -> None:
+        """Rebuild, then raise WorkerLostError (every request state was on the old actors)."""
+        try:
+            self.rebuild()
+        except Exception as e:
+            raise WorkerLostError(f"{why}; rebuilding failed ({type(e).__name__}: {e}), retried later") from e
+        raise WorkerLostError(f"{why}; rebuilt")
 
     def nodes(self) -> list[str]:
         """The address of the node each rank runs on."""
-        import ray
 
-        return ray.get([a.node.remote() for a in self.actors], timeout=self.step_timeout)
+        return self._ask("node", self.step_timeout)
 
     # -- the worker interface -------------------------------------------------------------
     def num_states(self) -> int:
+
+        return sum(self._ask("num_states", self.step_timeout))
+
+    def _ask(self, method: str, timeout: float) -> list:
+        """Every actor's answer to an info call; WorkerLostError when one cannot answer (the
+        engine's next check or step rebuilds the group)."""
         import ray
 
-        return sum(ray.get([a.num_states.remote() for a in self.actors], timeout=self.step_timeout))
+        if self.state != "serving":
+            raise WorkerLostError(f"the instance is {self.state}")
+        try:
+            return ray.get([getattr(a, method).remote() for a in self.actors], timeout=timeout)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise WorkerLostError(f"{method}: a worker did not answer ({type(e).__name__})") from e
 
     def export(self, uid: str, timeout: float | None = None):
         """Hand a request's state over from the actor that holds it (through the object
@@ -244,15 +287,15 @@ class RayWorkerGroup:
         return self.state_spec.problem(state)
 
     def routing_window(self):
-        import ray
-
         from router.stats import merge
 
-        return merge(ray.get([a.routing_window.remote() for a in self.actors], timeout=self.step_timeout))
+        return merge(self._ask("routing_window", INFO_TIMEOUT_S))
 
     def execute(self, plan: StepPlan) -> StepResult:
         import ray
 
+        if self.state == "down":
+            self._rebuild_after("the last rebuild failed")
         assign_owners(self.owner, plan, self.world_size, self.held, self.page_size, self.prefix_rank)
         plans = split_plan(self.owner, plan, self.world_size, self.prefix_rank, self.cp)
         for uid in plan.finished:
@@ -261,10 +304,9 @@ class RayWorkerGroup:
         try:
             results = ray.get(refs, timeout=self.step_timeout)
         except (ray.exceptions.RayError, TimeoutError) as e:
-            if self.stopped:  # stopped on purpose: no new placement group behind the owner's back
+            if self.stopped and self.state == "serving":  # stopped on purpose: no placement group behind its back
                 raise WorkerLostError("the instance was stopped") from e
-            self.rebuild()  # every request's state was on the lost instance
-            raise WorkerLostError(f"a worker of the instance was lost ({type(e).__name__}); rebuilt") from e
+            self._rebuild_after(f"a worker of the instance was lost ({type(e).__name__})")  # every state was there
         return merge_results(results)
 
 

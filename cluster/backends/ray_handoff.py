@@ -44,8 +44,9 @@ class ObjectStoreCarrier(Carrier):
     def ship(self, piece: LayerState) -> Any:
         return ray.put(piece)
 
-    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int) -> StateRefs:
-        return StateRefs(num_tokens, layout, shipped, nbytes)
+    def ticket(self, num_tokens: int, shipped: list[Any], layout: Layout, nbytes: int,
+               checksums: list[int]) -> StateRefs:  # fmt: skip
+        return StateRefs(num_tokens, layout, shipped, nbytes, checksums)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class StateRefs:
     layout: Layout
     refs: list[Any]  # ray.ObjectRef per layer, owned by the prefill actor that put them
     bytes: int
+    checksums: list[int] | None = None
 
     def nbytes(self) -> int:
         return self.bytes

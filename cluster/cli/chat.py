@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default random)")
     p.add_argument("--system", help="a system message")
     p.add_argument("--timeout", type=float, help="seconds before the request is cancelled (remote only)")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="talk TLS to a gateway serving gateway.tls, trusting this CA (or its own certificate); "
+                   "default: $DSV4_TLS_CA, else plaintext")  # fmt: skip
     add_model_flags(p, local_only=True)
     p.set_defaults(func=chat_main)
 
@@ -111,7 +114,7 @@ def _chat_remote(args: argparse.Namespace, request: Any, printer: ChatPrinter) -
     from cluster.gateway.client import ChatClientError, chat_remote
 
     try:
-        chat_remote(args.target, request, printer, timeout=args.timeout)
+        chat_remote(args.target, request, printer, timeout=args.timeout, tls_ca=args.tls_ca)
     except ChatClientError as e:
         raise ServeError(str(e)) from None
 
@@ -123,7 +126,7 @@ async def _chat_local(engine: Engine, info: ServingInfo, request: Any, printer: 
 
     gateway = Gateway(engine, info, strict_output_format=strict)
     try:
-        stream, translator = chat.start_chat(gateway, request)
+        stream, translator = await chat.start_chat(gateway, request)
     except GatewayError as e:
         raise ServeError(e.message) from None
     await print_async_stream(chat.responses(gateway, stream, translator), printer)

@@ -71,9 +71,12 @@ def format_status(first: Any, second: Any) -> list[str]:
     ]
     for pool in second.pools:
         lines.append(f"pool {pool.name} ({pool.role}): {pool.num_instances} instance(s); {format_load(pool.load)}")
-        for i in sorted({w.instance for w in pool.workers}):
+        states = list(pool.instance_states)
+        for i in sorted({w.instance for w in pool.workers} | {i for i, s in enumerate(states) if s != "serving"}):
             ranks = ", ".join(f"rank {w.rank} on {w.node}" for w in pool.workers if w.instance == i)
-            lines.append(f"  instance {i}: {ranks}")
+            state = states[i] if i < len(states) else "serving"
+            note = "" if state == "serving" else f" ({state.upper()})"
+            lines.append(f"  instance {i}{note}: {ranks or 'no workers'}")
     if second.expert_balance:
         worst = min(second.expert_balance, key=lambda b: b.balancedness)
         mean = sum(b.balancedness for b in second.expert_balance) / len(second.expert_balance)

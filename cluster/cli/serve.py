@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 from cluster.assembly.manifest import Manifest, ManifestError, load_manifest, parse_manifest
@@ -66,7 +66,7 @@ def resolve_manifest(args: argparse.Namespace) -> Manifest:
         if value is not None:
             gateway = replace(gateway, **{key: value})
     try:
-        return replace(manifest, gateway=parse_manifest({"gateway": gateway.__dict__}).gateway)
+        return replace(manifest, gateway=parse_manifest({"gateway": asdict(gateway)}).gateway)
     except ManifestError as e:  # a bad flag value: name the flag
         flag = "--" + e.path.removeprefix("gateway.").replace("_", "-")
         raise ServeError(f"{flag}{str(e).removeprefix(e.path)}") from None

@@ -49,6 +49,7 @@ class EngineConfig:
     prefix_cache: bool = False  # keep states at page boundaries and reuse them for prompts that share them
     handoff_timeout_s: float = 30.0  # a KV handoff's export from a remote (Ray) worker; past it the state is lost
     context_parallel_min_tokens: int = 0  # new prompts this long prefill split over the workers (0 = off)
+    health_check_s: float = 5.0  # while idle, ask the workers this often whether they live (a lost one is rebuilt)
 
 
 @dataclass
@@ -95,6 +96,10 @@ class Engine:
         self.vocab_size = worker.model_config.vocab_size
         self._routing: dict = {}  # layer -> LayerStats, running totals
         self._routing_lock = threading.Lock()
+        # what info calls report without asking the workers (refreshed by the loop: they may be busy or lost)
+        self._worker_states = 0
+        self._nodes = list(worker.nodes())
+        self._checked = time.monotonic()  # the last health check
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -187,20 +192,38 @@ class Engine:
         while time.monotonic() < deadline:
             with self._cv:
                 idle = not self._live and not self._inbox and not self.scheduler.has_work()
-            if idle and self.worker.num_states() == 0:
+            if idle and self._held_states() == 0:
+                self._worker_states = 0
                 return True
             time.sleep(0.005)
         return False
 
+    def _held_states(self) -> int | None:
+        """States the workers hold now; None while they cannot say (lost, rebuilding)."""
+        try:
+            return self.worker.num_states()
+        except EngineUnavailableError:
+            return None
+
+    @property
+    def health(self) -> str:
+        """serving | rebuilding (its workers were lost and are starting again) | down."""
+        return self.worker.state
+
     def worker_nodes(self) -> list[str]:
-        """Where each rank of this instance runs: Ray node addresses, or "local"."""
-        return list(self.worker.nodes())
+        """Where each rank of this instance runs: Ray node addresses, or "local" (as last
+        seen: never waits on the workers)."""
+        return list(self._nodes)
 
     def routing_totals(self) -> dict:
         """The workers' per-layer routing and all-to-all stats since the engine started
-        (layer -> router.stats.LayerStats; tokens per expert are the EPLB input)."""
+        (layer -> router.stats.LayerStats; tokens per expert are the EPLB input). Workers
+        that cannot answer now (lost, rebuilding, busy past a short timeout) add nothing."""
         with self._routing_lock:
-            self._routing = merge([self._routing, self.worker.routing_window()])
+            try:
+                self._routing = merge([self._routing, self.worker.routing_window()])
+            except EngineUnavailableError as e:
+                log.debug("routing stats left out: %s", e)
             return dict(self._routing)
 
     def load(self) -> dict[str, int]:
@@ -215,7 +238,8 @@ class Engine:
             "kv_pages_cached": cached,
             "kv_pages_free": self.kv.free_pages,
             "kv_pages_total": self.kv.num_pages,
-            "worker_states": self.worker.num_states(),
+            "worker_states": self._worker_states,  # as last seen by the loop (never waits on the workers)
+            "instances_unhealthy": int(self.worker.state != "serving"),
             "prefix_hits": prefix.hits if prefix is not None else 0,
             "prefix_lookups": prefix.lookups if prefix is not None else 0,
             "steps": self.stats.steps,
@@ -248,7 +272,8 @@ class Engine:
         while True:
             with self._cv:
                 while not self._inbox and not self.scheduler.has_work() and not self._stopping:
-                    self._cv.wait()
+                    if not self._cv.wait(timeout=self.config.health_check_s):
+                        break  # idle for a while: see that the workers live
                 if self._stopping:
                     break
                 inbox, self._inbox = self._inbox, []
@@ -256,8 +281,37 @@ class Engine:
                 self._ingest(kind, item)
             if self.scheduler.has_work():
                 self._step()
+            else:
+                self._idle()
         for uid in list(self._live):
             self._finish(uid, "abort")
+
+    def _idle(self) -> None:
+        """Between bursts of work: refresh what info calls report, and every
+        `health_check_s` ask the workers whether they live (a lost one is rebuilt now,
+        not when a request next lands on it)."""
+        if time.monotonic() - self._checked >= self.config.health_check_s or self.worker.state != "serving":
+            self._checked = time.monotonic()
+            try:
+                self.worker.check()
+            except EngineUnavailableError as e:
+                log.error("workers lost while idle: %s", e)
+                self._lost_states(f"unavailable: {e}")
+            except Exception:  # a health check must never end the loop
+                log.exception("the workers' health check failed")
+        try:
+            self._worker_states = self.worker.num_states()
+            self._nodes = list(self.worker.nodes())
+        except EngineUnavailableError:  # lost since: the next check rebuilds it
+            pass
+
+    def _lost_states(self, error: str) -> None:
+        """The workers lost every state: cached prefixes go, running requests fail (retryable)."""
+        if self.scheduler.prefix is not None:
+            self.scheduler.prefix.reset()
+        for req in [*self.scheduler.running]:
+            self._finish(req.uid, "error", error=error, unavailable=True)
+        self._checked = time.monotonic()  # (rebuilt just now)
 
     def _ingest(self, kind: str, item) -> None:
         if kind == "submit":
@@ -280,10 +334,7 @@ class Engine:
             result = self.worker.execute(plan)
         except EngineUnavailableError as e:  # the workers lost every request's state
             log.error("workers lost: %s", e)
-            if self.scheduler.prefix is not None:
-                self.scheduler.prefix.reset()
-            for req in [*self.scheduler.running]:
-                self._finish(req.uid, "error", error=f"unavailable: {e}", unavailable=True)
+            self._lost_states(f"unavailable: {e}")
             return
         except Exception as e:  # a bad step fails its requests, never the engine
             log.exception("step failed")

@@ -26,6 +26,7 @@ from router.stats import merge
 from workers.step import Prefilled
 
 log = logging.getLogger("dsv4.router")
+UNHEALTHY = 1000.0  # added to the load score of an instance that is not serving
 
 
 @dataclass
@@ -64,10 +65,12 @@ class InstanceRouter:
 
     # -- placement ------------------------------------------------------------------------
     def score(self, i: int) -> float:
-        """Lower is emptier: requests per batch slot plus the KV fraction in use."""
+        """Lower is emptier: requests per batch slot plus the KV fraction in use; an instance
+        whose workers are lost or rebuilding comes last (it takes work only when all are)."""
         engine, load = self.engines[i], self.engines[i].load()
         busy = (load["running"] + load["waiting"]) / max(1, engine.config.max_running)
-        return busy + load["kv_pages_used"] / max(1, load["kv_pages_total"])
+        kv = load["kv_pages_used"] / max(1, load["kv_pages_total"])
+        return busy + kv + UNHEALTHY * load.get("instances_unhealthy", 0)
 
     def _pick(self, exclude: int | None = None) -> int:
         candidates = [i for i in range(len(self.engines)) if i != exclude]
@@ -110,7 +113,7 @@ class InstanceRouter:
     # -- the pool -----------------------------------------------------------------------------
     def load(self) -> dict[str, int]:
         """The instances' loads summed, plus `instances`."""
-        total: dict[str, int] = {"instances": len(self.engines)}
+        total: dict[str, int] = {"instances": len(self.engines)}  # (+ instances_unhealthy, summed)
         for engine in self.engines:
             for key, value in engine.load().items():
                 total[key] = total.get(key, 0) + value

@@ -24,6 +24,7 @@ import grpc
 from cluster.engine.requests import RequestError, RequestOutput
 from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
 from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
+from cluster.gateway.guard import check_request_id, quote, refuse
 from encoding import (
     EOS_ID,
     ArgumentsDelta,
@@ -60,10 +61,10 @@ class ChatInput:
         """Validate and render `request` (a pb ChatRequest); RequestError on bad input."""
         thinking_mode = request.thinking_mode or "chat"
         if thinking_mode not in THINKING_MODES:
-            raise RequestError("thinking_mode", f"must be one of {THINKING_MODES}, got {thinking_mode!r}")
+            raise RequestError("thinking_mode", f"must be one of {THINKING_MODES}, got {quote(thinking_mode)}")
         if request.reasoning_effort not in REASONING_EFFORTS:
             raise RequestError(
-                "reasoning_effort", f"must be one of {REASONING_EFFORTS}, got {request.reasoning_effort!r}"
+                "reasoning_effort", f"must be one of {REASONING_EFFORTS}, got {quote(request.reasoning_effort)}"
             )
         messages = to_encoder_messages(request)
         try:
@@ -90,7 +91,7 @@ def to_encoder_messages(request: Any) -> list[dict[str, Any]]:
 def _message(index: int, m: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if m.role not in ROLES:
-        raise RequestError(f"{where}.role", f"unknown role {m.role!r}; known roles: {', '.join(ROLES)}")
+        raise RequestError(f"{where}.role", f"unknown role {quote(m.role)}; known roles: {', '.join(ROLES)}")
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.reasoning_content:
         out["reasoning_content"] = m.reasoning_content
@@ -129,7 +130,9 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
 def _json(where: str, text: str) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise RequestError(where, "is nested too deeply to read") from None
+    except ValueError as e:
         raise RequestError(where, f"not valid JSON ({e})") from None
 
 
@@ -270,11 +273,12 @@ class ChatTranslator:
 
 
 # -- the RPCs ------------------------------------------------------------------------------
-def start_chat(gateway: Gateway, request: Any) -> tuple[RequestStream, ChatTranslator]:
+async def start_chat(gateway: Gateway, request: Any) -> tuple[RequestStream, ChatTranslator]:
     """Validate, encode and submit a ChatRequest (GatewayError if it is refused)."""
-    chat = encode(gateway, request)
+    chat = await encode(gateway, request)
     engine = gateway.engine
     try:
+        gateway.check_prompt(len(chat.prompt_ids), "messages")
         params = to_sampling(request.sampling, len(chat.prompt_ids), gateway.max_len(), engine.vocab_size)
     except RequestError as e:
         raise as_gateway_error(e) from None
@@ -282,9 +286,12 @@ def start_chat(gateway: Gateway, request: Any) -> tuple[RequestStream, ChatTrans
     return stream, ChatTranslator(stream.uid, chat.thinking_mode, engine.eos_id, gateway.strict_output_format)
 
 
-def encode(gateway: Gateway, request: Any) -> ChatInput:
+async def encode(gateway: Gateway, request: Any) -> ChatInput:
+    """The request validated and rendered, off the event loop (GatewayError if refused)."""
+    gateway.check_size(request)
     try:
-        return ChatInput.from_request(request, gateway.engine.tokenizer)
+        check_request_id(request.request_id)
+        return await gateway.offload(request.ByteSize(), ChatInput.from_request, request, gateway.engine.tokenizer)
     except ValueError as e:
         raise as_gateway_error(e) from None
 
@@ -310,9 +317,10 @@ async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerCon
     """Chat: the stream of ChatResponses; a request whose workers were lost ends UNAVAILABLE
     after its final message (retry elsewhere)."""
     try:
-        stream, translator = start_chat(gateway, request)
+        stream, translator = await start_chat(gateway, request)
     except GatewayError as e:
-        await context.abort(e.code, e.message)
+        refuse(context, e)
+        return
     context.add_done_callback(lambda _: stream.close())
     await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
     async for response in responses(gateway, stream, translator):
@@ -324,7 +332,7 @@ async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerCon
 async def encode_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerContext) -> Any:
     """Encode: the prompt a ChatRequest renders to, and its token ids."""
     try:
-        chat = encode(gateway, request)
+        chat = await encode(gateway, request)
     except GatewayError as e:
-        await context.abort(e.code, e.message)
+        return refuse(context, e)
     return pb.EncodeResponse(prompt=chat.prompt, token_ids=chat.prompt_ids)

@@ -8,6 +8,7 @@ the answer.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TextIO
@@ -23,6 +24,22 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 
 class ChatClientError(ValueError):
     """The gateway could not be reached or refused the request; printed without a traceback."""
+
+
+TLS_CA_ENV = "DSV4_TLS_CA"  # a PEM file: talk TLS to gateways whose certificate it signs
+
+
+def channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
+    """A channel to the gateway at `target`: TLS trusting the PEM file `tls_ca` (default
+    $DSV4_TLS_CA) when one is given, plaintext otherwise."""
+    ca = tls_ca or os.environ.get(TLS_CA_ENV)
+    if not ca:
+        return grpc.insecure_channel(target)
+    try:
+        root = open(ca, "rb").read()  # noqa: SIM115 (read at once)
+    except OSError as e:
+        raise ChatClientError(f"--tls-ca / ${TLS_CA_ENV}: cannot read {ca}: {e.strerror}") from None
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root))
 
 
 def chat_request(
@@ -119,10 +136,11 @@ async def print_async_stream(responses: AsyncIterator[Any], printer: ChatPrinter
         printer.handle(response)
 
 
-def chat_remote(target: str, request: Any, printer: ChatPrinter, timeout: float | None = None) -> None:
+def chat_remote(target: str, request: Any, printer: ChatPrinter, timeout: float | None = None,
+                tls_ca: str | None = None) -> None:  # fmt: skip
     """Stream `request` from the gateway at `target`; ChatClientError on RPC failure."""
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+    with channel(target, tls_ca) as ch:
+        stub = pb_grpc.InferenceStub(ch)
         try:
             print_stream(stub.Chat(request, timeout=timeout), printer)
         except grpc.RpcError as e:
@@ -136,9 +154,9 @@ def chat_remote(target: str, request: Any, printer: ChatPrinter, timeout: float 
 
 # -- operations ----------------------------------------------------------------------------
 def _unary(target: str, method: str, request: Any, timeout: float) -> Any:
-    with grpc.insecure_channel(target) as channel:
+    with channel(target) as ch:
         try:
-            return getattr(pb_grpc.InferenceStub(channel), method)(request, timeout=timeout)
+            return getattr(pb_grpc.InferenceStub(ch), method)(request, timeout=timeout)
         except grpc.RpcError as e:
             code, details = e.code(), e.details()  # type: ignore[attr-defined]
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -15,11 +15,8 @@ DEFAULT_MAX_TOKENS = 256
 
 
 def to_sampling(p: Any, prompt_len: int, max_model_len: int, vocab_size: int) -> SamplingParams:
-    """A pb SamplingParams with server defaults filled in, validated (RequestError)."""
-    if prompt_len >= max_model_len:
-        raise RequestError(
-            "messages", f"the prompt is {prompt_len} tokens; the maximum context is {max_model_len} tokens"
-        )
+    """A pb SamplingParams with server defaults filled in, validated (RequestError); the
+    prompt's length was checked (`Gateway.check_prompt`)."""
     bad_stop = next((t for t in p.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad_stop is not None:
         raise RequestError(

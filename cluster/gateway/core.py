@@ -12,12 +12,15 @@ a down or draining engine -> UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -28,12 +31,24 @@ from cluster.engine.requests import (
     RequestError,
     RequestOutput,
 )
+from cluster.gateway.guard import bounded, check_request_id
 from cluster.gateway.metrics import GatewayMetrics
 from protos import load as load_protos
 from workers.config import ModelConfig
 from workers.step import SamplingParams
 
 pb, _ = load_protos()
+
+T = TypeVar("T")
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # grpc's own default receive limit
+TOKENIZER_THREADS = 2
+_TRIM_AFTER_BYTES = 256 * 1024  # after a prompt this big, hand freed memory back
+_TRIM_FOR_S = 5.0  # ... every second, until none has come for this long
+try:
+    _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _libc.malloc_trim  # noqa: B018 (glibc only)
+except (OSError, AttributeError):
+    _libc = None
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # dsv4.v1.Inference
 REQUEST_ID_METADATA = "x-request-id"
@@ -73,9 +88,11 @@ class ServingInfo:
 
 
 class GatewayError(Exception):
-    """A request the gateway refuses, with the gRPC status to answer it with."""
+    """A request the gateway refuses, with the gRPC status to answer it with (the message
+    cut to a length any client can read)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -129,16 +146,57 @@ class RequestStream:
             self._gateway.engine.abort(self.uid)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How big a request may be (the manifest's gateway.max_request_bytes and
+    gateway.max_prompt_tokens; None: the model's context)."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_prompt_tokens: int | None = None
+
+
 class Gateway:
-    """The Inference API over one engine, independent of the transport."""
+    """The Inference API over one engine, independent of the transport.
+
+    Rendering and tokenizing a prompt run on a small thread pool (`offload`), never on the
+    event loop: a multi-MB prompt must not hold up Health or the requests beside it.
+    """
 
     def __init__(self, engine: EngineLike, info: ServingInfo, metrics: GatewayMetrics | None = None,
-                 strict_output_format: bool = False) -> None:  # fmt: skip
-        self.engine, self.info = engine, info
+                 strict_output_format: bool = False, limits: Limits = Limits()) -> None:  # fmt: skip
+        self.engine, self.info, self.limits = engine, info, limits
         self.metrics = metrics or GatewayMetrics(engine.load)
         self.strict_output_format = strict_output_format  # output that breaks the chat format ends in an error
         self.draining = False
         self.started = time.monotonic()
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="dsv4-tokenize")
+        self._trimmer: asyncio.TimerHandle | None = None
+        self._last_big = 0.0
+
+    async def offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenizing pool. After a big input (`size` bytes) the heap is
+        trimmed every second until none has come for `_TRIM_FOR_S`: glibc keeps freed
+        memory otherwise (a 2 MB prompt left ~180 MB of RSS behind)."""
+        loop = asyncio.get_running_loop()
+        if size >= _TRIM_AFTER_BYTES:
+            self._last_big = time.monotonic()
+            if self._trimmer is None:
+                self._trimmer = loop.call_later(1.0, self._trim)
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def _trim(self) -> None:
+        self._trimmer = None
+        self._pool.submit(trim_heap)
+        if time.monotonic() - self._last_big < _TRIM_FOR_S:
+            self._trimmer = asyncio.get_running_loop().call_later(1.0, self._trim)
+
+    def check_size(self, request: Any) -> None:
+        """RESOURCE_EXHAUSTED for a request (a protobuf message) over max_request_bytes."""
+        size, limit = request.ByteSize(), self.limits.max_request_bytes
+        if size > limit:
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the request is {size} bytes; this server takes at most {limit} "
+                               "(gateway.max_request_bytes)")  # fmt: skip
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, uid: str, prompt_ids: tuple[int, ...], params: SamplingParams) -> RequestStream:
@@ -147,6 +205,7 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         stream = RequestStream(self, uid or uuid.uuid4().hex, asyncio.get_running_loop())
         try:
+            check_request_id(uid)
             self.engine.submit(GenerateRequest(stream.uid, prompt_ids, params), stream.sink)
         except (RequestError, QueueFullError, EngineUnavailableError) as e:
             raise as_gateway_error(e) from None
@@ -156,3 +215,20 @@ class Gateway:
     def max_len(self) -> int:
         """The longest prompt + completion the engine takes."""
         return int(self.engine.config.max_model_len)
+
+    def check_prompt(self, prompt_len: int, field: str) -> None:
+        """RequestError naming `field` (where the prompt came from) for a prompt longer than
+        the context (less one token to generate) or than gateway.max_prompt_tokens."""
+        context, most = self.max_len(), self.limits.max_prompt_tokens
+        if most is not None and most < context - 1 and prompt_len > most:
+            raise RequestError(field, f"the prompt is {prompt_len} tokens; this server takes at most {most} "
+                                      "(gateway.max_prompt_tokens)")  # fmt: skip
+        if prompt_len >= context:
+            raise RequestError(field, f"the prompt is {prompt_len} tokens; the maximum context is {context} tokens")
+
+
+def trim_heap() -> None:
+    """Give the freed heap back to the OS (glibc). (Refused requests are freed when refused:
+    see guard.refuse.)"""
+    if _libc is not None:
+        _libc.malloc_trim(0)

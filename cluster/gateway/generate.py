@@ -10,26 +10,31 @@ import grpc
 from cluster.engine.requests import RequestError
 from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
 from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
+from cluster.gateway.guard import check_request_id, refuse
 from protos import load as load_protos
 
 pb, _ = load_protos()
 
 
-def start_generate(gateway: Gateway, request: Any) -> RequestStream:
-    """Validate and submit a GenerateRequest (GatewayError if it is refused)."""
+async def start_generate(gateway: Gateway, request: Any) -> RequestStream:
+    """Validate and submit a GenerateRequest (GatewayError if it is refused); a text prompt
+    is tokenized off the event loop."""
+    gateway.check_size(request)
     try:
-        ids = _prompt(gateway, request)
+        check_request_id(request.request_id)
+        ids = await _prompt(gateway, request)
+        gateway.check_prompt(len(ids), "text" if request.text else "token_ids")
         params = to_sampling(request.sampling, len(ids), gateway.max_len(), gateway.engine.vocab_size)
     except ValueError as e:
         raise as_gateway_error(e) from None
     return gateway.submit(request.request_id, ids, params)
 
 
-def _prompt(gateway: Gateway, request: Any) -> tuple[int, ...]:
+async def _prompt(gateway: Gateway, request: Any) -> tuple[int, ...]:
     if request.token_ids and request.text:
         raise RequestError("token_ids", "give the prompt as token_ids or as text, not both")
     if request.text:
-        return tuple(gateway.engine.tokenizer.encode(request.text))
+        return tuple(await gateway.offload(len(request.text), gateway.engine.tokenizer.encode, request.text))
     if not request.token_ids:
         raise RequestError("token_ids", "the prompt is empty: give token_ids or text")
     vocab = gateway.engine.vocab_size
@@ -58,9 +63,10 @@ async def generate_rpc(gateway: Gateway, request: Any, context: grpc.aio.Service
     """Generate: the stream of GenerateResponses; UNAVAILABLE after the final message when
     the request's workers were lost."""
     try:
-        stream = start_generate(gateway, request)
+        stream = await start_generate(gateway, request)
     except GatewayError as e:
-        await context.abort(e.code, e.message)
+        refuse(context, e)
+        return
     context.add_done_callback(lambda _: stream.close())
     await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
     async for response in responses(stream):

@@ -82,7 +82,7 @@ def build_app(gateway: Gateway, default_thinking: bool = False) -> FastAPI:
     async def chat_completions(req: openai_chat.ChatCompletionRequest, request: Request) -> Response:
         check_model(req.model)
         try:
-            started = openai_chat.start(gateway, req, default_thinking)
+            started = await openai_chat.start(gateway, req, default_thinking)
         except GatewayError as e:
             raise ApiError.of(e) from None
         streams = [s for s, _ in started]
@@ -103,7 +103,8 @@ def build_app(gateway: Gateway, default_thinking: bool = False) -> FastAPI:
                                top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=req.stop,
                                logprobs=max(req.logprobs, 1) if req.logprobs is not None else 0)  # fmt: skip
         try:
-            stream = generate.start_generate(gateway, pb.GenerateRequest(text=text, token_ids=ids, sampling=sampling))
+            prompt = pb.GenerateRequest(text=text, token_ids=ids, sampling=sampling)
+            stream = await generate.start_generate(gateway, prompt)
         except GatewayError as e:
             raise ApiError.of(e) from None
         if req.stream:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from cluster.gateway.core import Gateway, GatewayError
+from cluster.gateway.guard import quote
 from cluster.gateway.metrics import GatewayMetrics
 from encoding import VOCAB_SIZE
 from protos import load as load_protos
@@ -22,7 +23,7 @@ log = logging.getLogger("dsv4.gateway")
 def abort(gateway: Gateway, request_id: str) -> None:
     if not request_id or not gateway.engine.abort(request_id):
         raise GatewayError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"request_id: no running or waiting request {request_id!r}"
+            grpc.StatusCode.INVALID_ARGUMENT, f"request_id: no running or waiting request {quote(request_id)}"
         )
 
 
@@ -84,8 +85,9 @@ def _pools(gateway: Gateway) -> list[Any]:
     for name, role, engines in groups:
         loads = [e.load() for e in engines]
         summed = {k: sum(d.get(k, 0) for d in loads) for k in loads[0]} if loads else {}
+        states = [getattr(e, "health", "serving") for e in engines]
         out.append(pb.PoolInfo(name=name, role=role, num_instances=len(engines), load=load(gateway, summed),
-                               workers=_workers(engines)))  # fmt: skip
+                               workers=_workers(engines), instance_states=states))  # fmt: skip
     return out
 
 
@@ -95,8 +97,8 @@ def _workers(engines: list[Any]) -> list[Any]:
         nodes = getattr(engine, "worker_nodes", None)
         try:
             ranks = nodes() if nodes is not None else []
-        except Exception:  # an info call must not fail because a worker is being rebuilt
-            log.exception("reading the workers' nodes failed")
+        except Exception as e:  # an info call must not fail because a worker is being rebuilt
+            log.warning("reading the workers' nodes failed: %s", e)
             ranks = []
         out += [pb.WorkerInfo(instance=i, rank=r, node=node) for r, node in enumerate(ranks)]
     return out
@@ -108,8 +110,8 @@ def _expert_balance(gateway: Gateway) -> list[Any]:
         return []
     try:
         stats = totals()
-    except Exception:  # an info call must not fail because a worker is being rebuilt
-        log.exception("reading the routing stats failed")
+    except Exception as e:  # an info call must not fail because a worker is being rebuilt
+        log.warning("reading the routing stats failed: %s", e)
         return []
     return [pb.LayerBalance(layer=layer, balancedness=st.balancedness, tokens=int(st.tokens_per_expert.sum()))
             for layer, st in stats.items() if st.num_tokens]  # fmt: skip

@@ -187,8 +187,11 @@ class Choice:
                 self.streamed = d.index + 1
             delta["tool_calls"] = [piece]
         elif kind == "tool_call":
-            call = {"id": response.tool_call.id, "type": "function",
-                    "function": {"name": response.tool_call.name, "arguments": response.tool_call.arguments}}
+            call = {
+                "id": response.tool_call.id,
+                "type": "function",
+                "function": {"name": response.tool_call.name, "arguments": response.tool_call.arguments},
+            }
             self.calls.append(call)
             if len(self.calls) > self.streamed:  # (not streamed before: send it whole)
                 delta["tool_calls"] = [{"index": len(self.calls) - 1, **call}]
@@ -211,7 +214,9 @@ class Choice:
         return msg
 
 
-def start(gateway: Gateway, req: ChatCompletionRequest, default_thinking: bool) -> list[tuple[RequestStream, Any]]:
+async def start(
+    gateway: Gateway, req: ChatCompletionRequest, default_thinking: bool
+) -> list[tuple[RequestStream, Any]]:
     """Submit the request's `n` choices (seeded `seed + i` when a seed is given)."""
     if not 1 <= req.n <= 16:
         raise ApiError(400, f"n must be in [1, 16], got {req.n}", "n")
@@ -223,7 +228,7 @@ def start(gateway: Gateway, req: ChatCompletionRequest, default_thinking: bool) 
             one.CopyFrom(chat)
             if req.seed is not None:
                 one.sampling.seed = req.seed + i
-            started.append(start_chat(gateway, one))
+            started.append(await start_chat(gateway, one))
     except BaseException:
         for stream, _ in started:
             stream.close()

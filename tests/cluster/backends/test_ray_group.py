@@ -22,13 +22,13 @@ from workers.step import SamplingParams
 ray = pytest.importorskip("ray")
 
 
-def ray_engine(checkpoint, world_size: int, cp_min_tokens: int = 0) -> Engine:
+def ray_engine(checkpoint, world_size: int, cp_min_tokens: int = 0, health_check_s: float = 5.0) -> Engine:
     from cluster.backends.ray_group import RayWorkerGroup
 
     group = RayWorkerGroup(checkpoint, world_size, dtype="float32", num_cpus=1,
                            resources=[{"node_a": 1}, {"node_b": 1}] * (world_size // 2), step_timeout=10)  # fmt: skip
     kv = KVCacheManager(KVLayout.for_model(group.model_config, 4), num_pages=4096)
-    config = EngineConfig(context_parallel_min_tokens=cp_min_tokens)
+    config = EngineConfig(context_parallel_min_tokens=cp_min_tokens, health_check_s=health_check_s)
     return Engine(group, load_tokenizer(), kv, config).start()
 
 
@@ -109,3 +109,35 @@ def test_prefix_cache_and_kv_handoff_across_ray_actors(ray_cluster, tiny_checkpo
     while any(k.startswith("node_a_group") for k in ray.available_resources()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(k.startswith("node_a_group") for k in ray.available_resources())  # none left behind
+
+
+def test_a_dead_idle_worker_never_blocks_its_pool(ray_cluster, tiny_checkpoint):
+    """A pool of 2 instances x 2 workers; one worker of an idle instance is killed. Load and
+    info queries keep answering at once, requests go to the healthy instance, and the dead
+    one is rebuilt in the background (its state `rebuilding`, then `serving` again)."""
+    from cluster.engine.pool_router import InstanceRouter
+    from cluster.gateway import info
+    from cluster.gateway.core import Gateway, ServingInfo
+
+    engines = [ray_engine(tiny_checkpoint, 2, health_check_s=0.5) for _ in range(2)]
+    router = InstanceRouter(engines)
+    gateway = Gateway(router, ServingInfo(engines[0].model_config, str(tiny_checkpoint), "float32", "ray", 4))
+    ray.kill(engines[1].worker.actors[0], no_restart=True)
+    seen, served = set(), 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (served >= 3 and "rebuilding" in seen and engines[1].health == "serving"):
+        t0 = time.monotonic()
+        server_info = info.server_info(gateway)  # the gateway's GetServerInfo, without the transport
+        assert time.monotonic() - t0 < 2.0, "GetServerInfo took over 2 s"
+        seen |= set(server_info.pools[0].instance_states)
+        request = GenerateRequest(f"q{served}", prompts(1)[0], SamplingParams(max_tokens=2, ignore_eos=True))
+        col = run(router, [request])
+        assert col.final(request.uid).finish_reason == "length", col.final(request.uid)
+        served += 1
+    assert "rebuilding" in seen and engines[1].health == "serving", (seen, engines[1].health)
+    assert router.load()["instances_unhealthy"] == 0
+    col = run(engines[1], requests()[:1])  # the rebuilt instance serves again
+    assert col.final("r0").finish_reason == "length" and len(col.tokens("r0")) == 8
+    router.stop()
+    for engine in engines:
+        engine.worker.stop()

@@ -274,6 +274,36 @@ def test_a_state_the_decode_side_cannot_import_is_refused(tiny_checkpoint, coloc
     router.stop()
 
 
+def _flip_a_byte(state):
+    """The state with one byte of its last layer's entries flipped (shapes intact: only the
+    checksum can tell)."""
+    layer = next(i for i in reversed(range(len(state.entries))) if state.entries[i])
+    flat = state.entries[layer][0].view(-1).view(torch.uint8)
+    flat[flat.numel() // 2] ^= 0x5A
+    return state
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_state_corrupted_on_the_way_is_never_decoded(tiny_checkpoint, colocated, policy):
+    """Every shipped layer carries a checksum that the decode worker verifies before the
+    import (vLLM #52276 decoded a failed transfer into HTTP 200 garbage): a flipped byte
+    fails the handoff, and the policy recomputes the request (same tokens) or fails it."""
+    pre, dec = model_of(tiny_checkpoint), model_of(tiny_checkpoint)
+    prefill, decode = engine(ModelWorker(pre), pre.cfg), engine(ModelWorker(dec), dec.cfg)
+    _hand_over_once(prefill.worker, _flip_a_byte)
+    router = DisaggRouter([prefill], [decode], on_failure=policy)
+    uid = "s128" if policy == "recompute" else "g5"
+    col = run(router, [r for r in requests() if r.uid == uid])
+    final = col.final(uid)
+    if policy == "recompute":
+        assert col.tokens(uid) == colocated[uid] and final.finish_reason == "length" and router.recomputed == 1
+    else:
+        assert final.unavailable and final.finish_reason == "error" and "checksum" in final.error, final
+        assert len(col.tokens(uid)) == 1
+    _idle_and_empty(router, pre, dec)
+    router.stop()
+
+
 def test_an_import_failing_in_the_decode_step_frees_what_it_reserved(tiny_checkpoint, colocated):
     """The decode worker fails to import a state inside its step (after the engine reserved
     pages for it): the engine frees them, the request counts as lost and is recomputed."""
