@@ -1,4 +1,4 @@
-"""`dsv4 bench serve` and `dsv4 bench ep`: their arguments (the benchmarks are in cluster/bench/)."""
+"""`dsv4 bench serve`, `ep`, `decode` and `soak`: their arguments (the benchmarks are in cluster/bench/)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench_serve)
     _add_ep_parser(bsub)
     _add_decode_parser(bsub)
+    _add_soak_parser(bsub)
+
+
+def _add_soak_parser(bsub: argparse._SubParsersAction) -> None:
+    from cluster.bench import soak
+
+    p = bsub.add_parser("soak", help="minutes to hours of mixed, hostile load: canaries, pages, RSS, latency drift",
+                        description=soak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--minutes", type=float, default=2.0, help="how long to soak (default: 2)")
+    p.add_argument("--concurrency", type=int, default=16, help="clients calling at once (default: 16)")
+    p.add_argument("--target", help="soak a running gateway HOST:PORT (default: start dsv4 serve for the run)")
+    p.add_argument("-m", "--manifest", help="the manifest of the server it starts (default: --preset, float32)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="the model it serves (default: tiny)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="its dtype (default float32: canary tokens must not depend on the batch; bf16 batch "
+                   "invariance is not built)")  # fmt: skip
+    p.add_argument("--max-prompt", type=int, default=200, help="prompt tokens at most (default: 200)")
+    p.add_argument("--max-tokens", type=int, default=48, help="output tokens at most (default: 48)")
+    p.add_argument("--seed", type=int, default=0, help="the clients' seed (default: 0)")
+    p.add_argument("--settle-s", type=float, default=8.0,
+                   help="seconds idle before the final RSS reading (default: 8)")  # fmt: skip
+    p.add_argument("--json", help="also write the report to this file")
+    p.set_defaults(func=_bench_soak)
 
 
 EP_DESCRIPTION = """\
@@ -109,6 +132,13 @@ def _bench_serve(args: argparse.Namespace) -> None:
     from cluster.bench.serve import bench_serve_main
 
     bench_serve_main(args)
+
+
+def _bench_soak(args: argparse.Namespace) -> None:
+    from cluster.bench.soak import bench_soak_main
+
+    if bench_soak_main(args):
+        raise SystemExit(1)
 
 
 def _bench_ep(args: argparse.Namespace) -> None:
