@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from router.stats import LayerStats
+from workers import faults
 from workers.ep import count_routing
 from workers.handoff import (
     Carrier,
@@ -94,6 +95,7 @@ class ModelWorker:
         batch = Batch.build(chunks, states, [None if w.chunk is None else (w.pos0, w.chunk) for w in work])
         exporting = [(w.uid, st, st.num_tokens + grows_by(sq, st))
                      for w, st, sq in zip(work, states, batch.seqs, strict=True) if w.uid in plan.exports]  # fmt: skip
+        faults.hit("worker.prefill" if any(len(w.token_ids) > 1 for w in work) else "worker.decode")
         streams = self._forward(batch, states, exporting)
         for uid, key in plan.snapshots.items():
             if uid not in failed:  # (the engine forgets a failed one's key)
@@ -135,6 +137,7 @@ class ModelWorker:
 
     def _import(self, ticket: Any, timeout: float) -> SeqState:
         """A handed-off state, fetched through its carrier and checked, in this worker's pool."""
+        faults.hit("worker.import")
         problem = self.check_import(ticket)
         if problem is not None:  # before the pool allocates anything for it
             discard(ticket)
@@ -172,6 +175,7 @@ class ModelWorker:
         ticket (`workers/handoff.py`), from the layers shipped during its last step when
         that step was marked to export it, else shipped now. `timeout` bounds remote
         exports (Ray); one in this process needs none."""
+        faults.hit("worker.export")
         st = self.states[uid]
         shipped = self.outbox.pop(uid, None)
         if shipped is None or len(shipped) != len(self.model.kv.layers):

@@ -94,6 +94,12 @@ class RankWorker:
     def release(self, uid: str) -> None:
         self.worker.release(uid)
 
+    def arm_fault(self, point: str, action: str, seconds: float = 0.0, times: int = 1) -> None:
+        """Test hook: arm a fault point in this actor's process (workers/faults.py)."""
+        from workers import faults
+
+        faults.arm(point, action, seconds, times)
+
     def set_export_delay(self, seconds: float) -> None:
         """Test hook: make every later export wait `seconds` before it copies the state, so a
         test can kill this actor, or let the handoff time out, while the driver waits on it."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from cluster.engine.engine import Engine, Sink
 from cluster.engine.requests import EngineUnavailableError, GenerateRequest, RequestOutput
 from router.stats import merge
+from workers import faults
 from workers.step import Prefilled
 
 log = logging.getLogger("dsv4.router")
@@ -78,6 +79,7 @@ class InstanceRouter:
 
     def submit(self, request: GenerateRequest, sink: Sink) -> None:
         """Queue `request` on the emptiest instance; errors as Engine.submit."""
+        faults.hit("router.place")
         placed = _Placed(self._pick(), request, sink)
         with self._lock:
             self._placed[request.uid] = placed
@@ -179,6 +181,7 @@ class DisaggRouter(InstanceRouter):
     def submit(self, request: GenerateRequest, sink: Sink) -> None:
         if request.sampling.seed is None:  # fixed here, so that a recompute draws the same tokens
             request = replace(request, sampling=replace(request.sampling, seed=random.getrandbits(62)))
+        faults.hit("router.place")
         placed = _Placed(self._pick_in(self.prefill), request, sink)
         with self._lock:
             self._placed[request.uid] = placed

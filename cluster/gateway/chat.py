@@ -23,7 +23,14 @@ import grpc
 
 from cluster.engine.requests import RequestError, RequestOutput
 from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
-from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
+from cluster.gateway.core import (
+    REQUEST_ID_METADATA,
+    Gateway,
+    GatewayError,
+    RequestStream,
+    as_gateway_error,
+    stream_out,
+)
 from cluster.gateway.guard import check_request_id, quote, refuse
 from encoding import (
     EOS_ID,
@@ -323,7 +330,7 @@ async def chat_rpc(gateway: Gateway, request: Any, context: grpc.aio.ServicerCon
         return
     context.add_done_callback(lambda _: stream.close())
     await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
-    async for response in responses(gateway, stream, translator):
+    async for response in stream_out(context, stream.uid, responses(gateway, stream, translator)):
         yield response
     if stream.lost:
         await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Protocol, TypeVar
@@ -31,13 +33,15 @@ from cluster.engine.requests import (
     RequestError,
     RequestOutput,
 )
-from cluster.gateway.guard import bounded, check_request_id
+from cluster.gateway.guard import bounded, check_request_id, refuse
 from cluster.gateway.metrics import GatewayMetrics
 from protos import load as load_protos
+from workers import faults
 from workers.config import ModelConfig
 from workers.step import SamplingParams
 
 pb, _ = load_protos()
+log = logging.getLogger("dsv4.gateway")
 
 T = TypeVar("T")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # grpc's own default receive limit
@@ -155,6 +159,20 @@ class Limits:
     max_prompt_tokens: int | None = None
 
 
+async def stream_out(context: Any, uid: str, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`responses` on their way to the client (fault point `gateway.stream`). A failure on
+    the way (a bug, a fault) ends the RPC INTERNAL, saying so, and closes `responses`,
+    which aborts the request."""
+    async with aclosing(responses) as out:
+        try:
+            async for response in out:
+                faults.hit("gateway.stream")
+                yield response
+        except Exception as e:
+            log.exception("%s: the response stream failed", uid)
+            refuse(context, GatewayError(grpc.StatusCode.INTERNAL, f"the response stream failed: {e}"))
+
+
 class Gateway:
     """The Inference API over one engine, independent of the transport.
 
@@ -209,6 +227,10 @@ class Gateway:
             self.engine.submit(GenerateRequest(stream.uid, prompt_ids, params), stream.sink)
         except (RequestError, QueueFullError, EngineUnavailableError) as e:
             raise as_gateway_error(e) from None
+        except Exception as e:  # a bug or a fault in placement: nothing was admitted
+            log.exception("%s: placing the request failed", stream.uid)
+            why = f"placing the request failed: {type(e).__name__}: {e}"
+            raise GatewayError(grpc.StatusCode.INTERNAL, why) from None
         self.metrics.on_submit(len(prompt_ids))
         return stream
 

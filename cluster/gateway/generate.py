@@ -9,7 +9,14 @@ import grpc
 
 from cluster.engine.requests import RequestError
 from cluster.gateway.convert import finish_pb, logprobs_pb, to_sampling
-from cluster.gateway.core import REQUEST_ID_METADATA, Gateway, GatewayError, RequestStream, as_gateway_error
+from cluster.gateway.core import (
+    REQUEST_ID_METADATA,
+    Gateway,
+    GatewayError,
+    RequestStream,
+    as_gateway_error,
+    stream_out,
+)
 from cluster.gateway.guard import check_request_id, refuse
 from protos import load as load_protos
 
@@ -69,7 +76,7 @@ async def generate_rpc(gateway: Gateway, request: Any, context: grpc.aio.Service
         return
     context.add_done_callback(lambda _: stream.close())
     await context.send_initial_metadata(((REQUEST_ID_METADATA, stream.uid),))
-    async for response in responses(stream):
+    async for response in stream_out(context, stream.uid, responses(stream)):
         yield response
     if stream.lost:
         await context.abort(grpc.StatusCode.UNAVAILABLE, stream.lost)

@@ -141,3 +141,19 @@ def test_a_dead_idle_worker_never_blocks_its_pool(ray_cluster, tiny_checkpoint):
     router.stop()
     for engine in engines:
         engine.worker.stop()
+
+
+def test_a_worker_dying_in_its_decode_step_fails_fast_and_is_rebuilt(ray_cluster, tiny_checkpoint):
+    """The fault harness's `die` in a Ray actor: the rank holding the request exits in its
+    next decode step (armed on both ranks; the one without work never reaches the point)."""
+    engine = ray_engine(tiny_checkpoint, 2)
+    first = run(engine, requests()[:1])  # warm, and the reference
+    ray.get([a.arm_fault.remote("worker.decode", "die") for a in engine.worker.actors])
+    t0 = time.monotonic()
+    col = run(engine, requests()[:1])
+    assert time.monotonic() - t0 < 25 and col.final("r0").finish_reason == "error" and col.final("r0").unavailable
+    after = run(engine, requests()[:1])  # the rebuilt instance
+    assert after.tokens("r0") == first.tokens("r0") and after.final("r0").finish_reason == "length"
+    assert engine.wait_idle() and engine.kv.used_pages == 0
+    engine.stop()
+    engine.worker.stop()

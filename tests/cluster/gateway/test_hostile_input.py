@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from protos import load as load_protos
-from tests.cluster.gateway.test_server import ENV, MAX_LEN, Server, assert_serving, chat, free_port, wait_idle
+from tests.cluster.gateway.test_server import ENV, Server, assert_serving, chat, tiny_manifest, wait_idle
 
 pb, pb_grpc = load_protos()
 LIMIT = 8 * 1024 * 1024  # the served manifest's gateway.max_request_bytes
@@ -28,13 +28,9 @@ READABLE = 1100  # characters of status message a stock client reads without tro
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("manifest") / "m.yaml"
-    manifest.write_text(
-        f"model: {{checkpoint: {tiny_checkpoint}}}\n"
-        f"scheduler: {{max_model_len: {MAX_LEN}, kv_cache_gib: 0.25}}\n"
-        f"gateway: {{port: 0, metrics_port: null, max_request_bytes: {LIMIT}}}\n"
-    )
-    s = Server("-m", str(manifest))
+    manifest = tiny_manifest(tiny_checkpoint, tmp_path_factory.mktemp("manifest") / "m.yaml",
+                             f"max_request_bytes: {LIMIT}")  # fmt: skip
+    s = Server("-m", manifest)
     yield s
     assert s.stop() == 0
 
@@ -234,13 +230,8 @@ def _self_signed(tmp_path) -> tuple[bytes, str, str]:
 
 def test_gateway_tls_serves_with_grpcs_own_credentials(tiny_checkpoint, tmp_path):
     cert_pem, cert, key = _self_signed(tmp_path)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(
-        f"model: {{checkpoint: {tiny_checkpoint}}}\n"
-        f"scheduler: {{max_model_len: {MAX_LEN}, kv_cache_gib: 0.25}}\n"
-        f"gateway: {{port: 0, metrics_port: null, tls: {{cert: {cert}, key: {key}}}}}\n"
-    )
-    s = Server("-m", str(manifest), "--metrics-port", str(free_port()))
+    manifest = tiny_manifest(tiny_checkpoint, tmp_path / "m.yaml", f"tls: {{cert: {cert}, key: {key}}}")
+    s = Server("-m", manifest)
     try:
         secure = grpc.secure_channel(f"127.0.0.1:{s.port}", grpc.ssl_channel_credentials(cert_pem))
         responses = list(pb_grpc.InferenceStub(secure).Chat(chat(max_tokens=2), timeout=60))
@@ -258,13 +249,10 @@ def test_gateway_tls_serves_with_grpcs_own_credentials(tiny_checkpoint, tmp_path
 
 
 def test_unreadable_tls_files_stop_the_server_with_a_clear_error(tiny_checkpoint, tmp_path):
-    manifest = tmp_path / "m.yaml"
     (tmp_path / "cert.pem").write_text("not a certificate")
-    tls = f"{{cert: {tmp_path / 'cert.pem'}, key: {tmp_path / 'no.pem'}}}"
-    manifest.write_text(f"model: {{checkpoint: {tiny_checkpoint}}}\n"
-                        f"gateway: {{port: 0, metrics_port: null, tls: {tls}}}\n")  # fmt: skip
+    tls = f"tls: {{cert: {tmp_path / 'cert.pem'}, key: {tmp_path / 'no.pem'}}}"
     with pytest.raises(AssertionError, match=r"gateway\.tls\.(cert|key)"):
-        Server("-m", str(manifest))
+        Server("-m", tiny_manifest(tiny_checkpoint, tmp_path / "m.yaml", tls))
 
 
 # -- the fuzz test -------------------------------------------------------------------------

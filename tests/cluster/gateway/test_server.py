@@ -68,15 +68,20 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
+def tiny_manifest(checkpoint, path, gateway: str = "") -> str:
+    """A manifest serving `checkpoint` with MAX_LEN of context; `gateway`: more gateway keys."""
+    path.write_text(
+        f"model: {{checkpoint: {checkpoint}}}\n"
+        f"scheduler: {{max_model_len: {MAX_LEN}, kv_cache_gib: 0.25}}\n"
+        f"gateway: {{port: 50051, metrics_port: null{', ' + gateway if gateway else ''}}}\n"
+    )
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    manifest = tmp_path_factory.mktemp("manifest") / "m.yaml"
-    manifest.write_text(
-        f"model: {{checkpoint: {tiny_checkpoint}}}\n"
-        f"scheduler: {{max_model_len: {MAX_LEN}, kv_cache_gib: 0.25}}\n"
-        "gateway: {port: 50051, metrics_port: null}\n"
-    )
-    s = Server("-m", str(manifest), "--metrics-port", str(free_port()))
+    manifest = tiny_manifest(tiny_checkpoint, tmp_path_factory.mktemp("manifest") / "m.yaml")
+    s = Server("-m", manifest, "--metrics-port", str(free_port()))
     yield s
     assert s.stop() == 0
 
