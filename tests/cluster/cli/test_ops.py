@@ -44,6 +44,18 @@ def test_status_reports_load_and_rates(server):
     assert "totals: 1 requests" in out.stdout and "KV 0/" in out.stdout
 
 
+def test_status_shows_an_instance_that_is_rebuilding():
+    from cluster.cli.ops import format_status
+
+    workers = [pb.WorkerInfo(instance=0, rank=r, node="127.0.0.2") for r in range(2)]
+    pool = pb.PoolInfo(name="colocated", role="colocated", num_instances=2, workers=workers,
+                       instance_states=["serving", "rebuilding"])  # fmt: skip
+    info = pb.ServerInfo(backend="ray", uptime_s=10, pools=[pool])
+    lines = format_status(info, info)
+    assert "  instance 0: rank 0 on 127.0.0.2, rank 1 on 127.0.0.2" in lines
+    assert "  instance 1 (REBUILDING): no workers" in lines
+
+
 def test_status_of_nothing_is_a_clear_error():
     out = dsv4("status", "--target", f"127.0.0.1:{free_port()}")
     assert out.returncode == 2 and "cannot reach a dsv4 gateway" in out.stderr
