@@ -7,8 +7,9 @@ in the gRPC server's event loop):
     GET  /health                200, or 503 while draining
     GET  /metrics               the gateway's Prometheus metrics
 
-Errors are OpenAI's error JSON: 400 naming the parameter, 404 for another model, 429 when
-the queue is full, 503 while draining. A client that disconnects cancels its request.
+Errors are OpenAI's error JSON: 400 naming the parameter, 404 for another model, 413 for a
+body over gateway.max_request_bytes, 429 when the queue is full, 503 while draining. A
+client that disconnects cancels its request.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def build_app(gateway: Gateway, default_thinking: bool = False) -> FastAPI:
         param = ".".join(loc) or None
         return JSONResponse(ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param).body(),
                             status_code=400)  # fmt: skip
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next: Any) -> Response:
+        """413 for a body declared over gateway.max_request_bytes, before it is read."""
+        length, limit = request.headers.get("content-length", ""), gateway.limits.max_request_bytes
+        if length.isdigit() and int(length) > limit:
+            error = ApiError(413, f"the request body is {length} bytes; this server takes at most {limit} "
+                             "(gateway.max_request_bytes)")  # fmt: skip
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", model):

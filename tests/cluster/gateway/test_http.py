@@ -218,6 +218,15 @@ def test_output_that_breaks_the_format_reaches_the_http_client(scripted_http):
     assert got.choices[0].message.content == text and got.choices[0].finish_reason == "stop"
 
 
+def test_a_body_over_the_limit_is_413_before_it_is_read(scripted_http):
+    engine, client = scripted_http
+    huge = "a" * (engine.gateway.limits.max_request_bytes + 1)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": huge}])
+    assert e.value.status_code == 413 and "gateway.max_request_bytes" in e.value.body["message"]
+    assert scripted_ask(scripted_http, ("fine", "eos")).choices[0].message.content == "fine"  # serving on
+
+
 @pytest.mark.parametrize(("refusal", "status"), [(QueueFullError("full"), 429), (EngineUnavailableError("down"), 503)])
 def test_refusals_map_to_http_statuses(scripted_http, refusal, status):
     engine, client = scripted_http
