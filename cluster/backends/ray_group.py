@@ -241,12 +241,10 @@ class RayWorkerGroup:
 
     def nodes(self) -> list[str]:
         """The address of the node each rank runs on."""
-
         return self._ask("node", self.step_timeout)
 
     # -- the worker interface -------------------------------------------------------------
     def num_states(self) -> int:
-
         return sum(self._ask("num_states", self.step_timeout))
 
     def _ask(self, method: str, timeout: float) -> list:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from cluster.bench import BenchError
 from cluster.bench.serve import percentile
 from protos import load as load_protos
 
@@ -255,13 +256,26 @@ def _tenths(samples: list[tuple[float, float]], span: float) -> tuple[float, flo
     return percentile(first, 50), percentile(last, 50)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    for name, low in (("minutes", 0.0), ("concurrency", 1), ("max_prompt", 1), ("max_tokens", 1), ("settle_s", 0.0)):
+        value = getattr(args, name)
+        if value < low or (name == "minutes" and value <= 0):
+            raise BenchError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'minutes' else f'>= {low}'}, "
+                             f"got {value}")  # fmt: skip
+
+
 def bench_soak_main(args: argparse.Namespace) -> int:
+    _check_args(args)
     served = None if args.target else Served(args)
     target = args.target or f"127.0.0.1:{served.port}"
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = pb_grpc.InferenceStub(channel)
     try:
-        reference = reference_tokens(stub)
+        try:
+            reference = reference_tokens(stub)
+        except grpc.RpcError as e:
+            raise BenchError(f"the gateway at {target} cannot answer the canaries: {e.code().name}: "
+                             f"{e.details()}") from None  # fmt: skip
         start_load = _idle_load(stub)
         rss_start = served.rss_mb() if served else None
         tally, t0 = Tally(), time.monotonic()

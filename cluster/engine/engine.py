@@ -290,7 +290,8 @@ class Engine:
         """Between bursts of work: refresh what info calls report, and every
         `health_check_s` ask the workers whether they live (a lost one is rebuilt now,
         not when a request next lands on it)."""
-        if time.monotonic() - self._checked >= self.config.health_check_s or self.worker.state != "serving":
+        due = time.monotonic() - self._checked >= self.config.health_check_s or self.worker.state != "serving"
+        if due:
             self._checked = time.monotonic()
             try:
                 self.worker.check()
@@ -301,7 +302,8 @@ class Engine:
                 log.exception("the workers' health check failed")
         try:
             self._worker_states = self.worker.num_states()
-            self._nodes = list(self.worker.nodes())
+            if due:  # (ranks move only when rebuilt: no need to ask after every burst)
+                self._nodes = list(self.worker.nodes())
         except EngineUnavailableError:  # lost since: the next check rebuilds it
             pass
 

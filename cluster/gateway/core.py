@@ -33,7 +33,7 @@ from cluster.engine.requests import (
     RequestError,
     RequestOutput,
 )
-from cluster.gateway.guard import bounded, check_request_id, refuse
+from cluster.gateway.guard import bounded, refuse
 from cluster.gateway.metrics import GatewayMetrics
 from protos import load as load_protos
 from workers import faults
@@ -218,12 +218,12 @@ class Gateway:
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, uid: str, prompt_ids: tuple[int, ...], params: SamplingParams) -> RequestStream:
-        """Queue a request on the engine; GatewayError if it is refused. Call from the event loop."""
+        """Queue a request on the engine; GatewayError if it is refused. Call from the event
+        loop, with `uid` checked (`guard.check_request_id`, before the prompt is tokenized)."""
         if self.draining:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         stream = RequestStream(self, uid or uuid.uuid4().hex, asyncio.get_running_loop())
         try:
-            check_request_id(uid)
             self.engine.submit(GenerateRequest(stream.uid, prompt_ids, params), stream.sink)
         except (RequestError, QueueFullError, EngineUnavailableError) as e:
             raise as_gateway_error(e) from None

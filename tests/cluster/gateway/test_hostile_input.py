@@ -147,10 +147,11 @@ def _big_text(n_bytes: int, seed: int) -> str:
 
 
 def test_a_multi_mb_prompt_blocks_neither_health_nor_small_requests(server):
-    """Tokenizing runs off the event loop: while a 3 MB Chat is tokenized (it is then refused,
-    too long for the context), Health and a small Encode keep answering. Before, one such
-    Chat held every other call for 4.3 s."""
-    big = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content=_big_text(3_000_000, 0))])
+    """Tokenizing runs off the event loop: while a 6 MB Chat is tokenized (it is then refused,
+    too long for the context), Health and a small Encode keep answering. Before, such a
+    Chat held every other call for as long as it tokenized (4.3 s for 3 MB in the issue,
+    0.6 s for 2 MB here; under 0.05 s now)."""
+    big = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content=_big_text(6_000_000, 0))])
     worst = {"health": 0.0, "encode": 0.0}
     done = threading.Event()
 
@@ -173,8 +174,8 @@ def test_a_multi_mb_prompt_blocks_neither_health_nor_small_requests(server):
     finally:
         done.set()
         thread.join()
-    # generous bounds for a loaded 2-core machine; the blocking loop took seconds
-    assert worst["health"] < 1.0 and worst["encode"] < 1.0, worst
+    # 10x what it takes here, for a loaded 2-core machine; the blocking loop took over a second
+    assert worst["health"] < 0.5 and worst["encode"] < 0.5, worst
 
 
 def test_memory_returns_after_multi_mb_prompts(server):
